@@ -1,0 +1,91 @@
+"""Checkpoints as plain data, written atomically and read without running code.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts, loaded with
+``torch.load(..., weights_only=True)``: unpickling it cannot execute code. The model is rebuilt
+through the model registry from ``{"name", "kwargs"}``, never from an import path stored in
+the file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from regkit.data.io import PathLike, atomic_write
+from regkit.errors import InputError, MissingFileError
+
+FORMAT = "regkit-checkpoint-v1"
+
+
+def to_plain(obj: Any) -> Any:
+    """Convert configs, tuples, paths and transformer modules into plain Python data."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if hasattr(obj, "spec") and isinstance(obj, nn.Module):
+        return obj.spec()
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise InputError(f"cannot store a {type(obj).__name__} in a checkpoint as plain data: {obj!r}")
+
+
+def model_spec(model: nn.Module) -> Dict[str, Any]:
+    """``{"name": registry name, "kwargs": plain kwargs}`` for a model built by the registry."""
+    spec = getattr(model, "regkit_spec", None)
+    if spec is None:
+        raise InputError(
+            f"{type(model).__name__} was not built through regkit.create_model or a configs/model "
+            f"file, so a checkpoint could not rebuild it"
+        )
+    return {"name": spec["name"], "kwargs": to_plain(spec["kwargs"])}
+
+
+def save_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
+    """Write ``payload`` (plus the format tag) to a temporary file, then rename it into place."""
+    data = dict(payload)
+    data["format"] = FORMAT
+    data["torch_version"] = str(torch.__version__)
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise MissingFileError(f"{p}: checkpoint not found")
+    try:
+        data = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if match:
+            reason = f"it contains a {match.group(1)} object; regkit checkpoints hold plain data only and are never unpickled with code"
+        else:
+            reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise InputError(f"{p}: not a readable regkit checkpoint ({reason})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InputError(f"{p}: not a regkit checkpoint (missing format tag '{FORMAT}')")
+    return data
+
+
+def load_model(path: PathLike, map_location: Any = "cpu", **overrides: Any) -> nn.Module:
+    """Rebuild a model from a checkpoint through the registry and load its weights."""
+    from regkit.models import create_model
+
+    data = load_checkpoint(path, map_location)
+    spec = data["model"]
+    model = create_model(spec["name"], **{**spec["kwargs"], **overrides})
+    model.load_state_dict(data["state_dict"])
+    return model

@@ -1,0 +1,173 @@
+"""Loss terms: LNCC implementations against an independent naive computation, gradients,
+edge cases, bad input, and every registry name with its default arguments."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import regkit
+from regkit.losses import CompositeLoss
+from regkit.models import RegistrationOutput
+
+LNCC_NAMES = ["lncc", "lncc_group", "lncc_fast"]
+
+
+def naive_lncc(I, J, window, eps=1e-5):
+    """-mean(cc) by explicit window loops (float64); I, J: (B, C, *spatial) numpy arrays."""
+    r = window // 2
+    spatial = I.shape[2:]
+    n = window ** len(spatial)
+    total, count = 0.0, 0
+    for b, c in itertools.product(range(I.shape[0]), range(I.shape[1])):
+        for p in itertools.product(*[range(s) for s in spatial]):
+            win = tuple(slice(max(0, q - r), min(s, q + r + 1)) for q, s in zip(p, spatial))
+            i, j = I[(b, c) + win], J[(b, c) + win]
+            si, sj = i.sum(), j.sum()
+            cross = (i * j).sum() - si * sj / n
+            vi = (i * i).sum() - si * si / n
+            vj = (j * j).sum() - sj * sj / n
+            total += cross * cross / (vi * vj + eps)
+            count += 1
+    return -total / count
+
+
+CASES = [((2, 2, 7, 8), w) for w in (3, 5, 7, 9)] + [((2, 2, 5, 6, 7), w) for w in (3, 5, 7, 9)]
+
+
+@pytest.mark.parametrize("name", LNCC_NAMES)
+@pytest.mark.parametrize("shape,window", CASES, ids=[f"{len(s) - 2}d-w{w}" for s, w in CASES])
+def test_lncc_matches_naive_float64(name, shape, window):
+    rng = np.random.default_rng(window)
+    I, J = rng.random(shape), rng.random(shape)
+    J = 0.6 * I + 0.4 * J  # correlated, so cc is not tiny
+    got = regkit.create_loss(name, window=window)(torch.from_numpy(I), torch.from_numpy(J))
+    assert got.dtype == torch.float64
+    assert abs(got.item() - naive_lncc(I, J, window)) < 1e-12
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_lncc_implementations_agree_value_and_gradient(ndim):
+    torch.manual_seed(0)
+    shape = (2, 3) + ((21, 23) if ndim == 2 else (11, 13, 15))
+    I0, J0 = torch.rand(shape, dtype=torch.float64), torch.rand(shape, dtype=torch.float64)
+    results = {}
+    for name in LNCC_NAMES:
+        I, J = I0.clone().requires_grad_(), J0.clone().requires_grad_()
+        loss = regkit.create_loss(name)(I, J)
+        results[name] = (loss.detach(), *torch.autograd.grad(loss, [I, J]))
+    ref = results["lncc"]
+    for name in ("lncc_group", "lncc_fast"):
+        for a, b in zip(results[name], ref):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-15), name
+
+
+def test_lncc_fast_gradcheck():
+    torch.manual_seed(1)
+    I = torch.rand(1, 2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    J = torch.rand(1, 2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    loss = regkit.create_loss("lncc_fast", window=3)
+    assert torch.autograd.gradcheck(lambda a, b: loss(a, b), (I, J))
+    # only one input needing a gradient takes the cheaper backward path
+    assert torch.autograd.gradcheck(lambda a: loss(a, J.detach()), (I,))
+
+
+def test_lncc_fast_float32_tolerance():
+    torch.manual_seed(2)
+    I, J = torch.rand(1, 1, 40, 48, 56), torch.rand(1, 1, 40, 48, 56)
+    J = 0.5 * I + 0.5 * J
+    loss = regkit.create_loss("lncc_fast")
+    ref = loss(I.double(), J.double()).item()
+    assert abs(loss(I, J).item() - ref) < 1e-5 * abs(ref) + 1e-6
+
+
+@pytest.mark.parametrize("name", LNCC_NAMES)
+def test_identical_images_give_the_minimum(name):
+    torch.manual_seed(3)
+    I = torch.rand(1, 1, 16, 16, 16, dtype=torch.float64)
+    loss = regkit.create_loss(name)
+    best = loss(I, I).item()
+    assert best < -0.99
+    for scale in (0.1, 0.3):
+        assert loss(I, I + scale * torch.rand_like(I)).item() > best
+
+
+@pytest.mark.parametrize("name", LNCC_NAMES)
+def test_constant_images_are_finite(name):
+    I = torch.full((1, 1, 12, 12, 12), 0.5, requires_grad=True)
+    loss = regkit.create_loss(name)(I, torch.full((1, 1, 12, 12, 12), 0.3))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(I.grad).all()
+
+
+def test_lncc_fast_never_sees_negative_variance():
+    # values with a large offset: float32 cancellation in E[x²] - E[x]² would go negative
+    I = (1000 + 1e-3 * torch.rand(1, 1, 16, 16, 16)).requires_grad_()
+    loss = regkit.create_loss("lncc_fast")(I, 1000 + 1e-3 * torch.rand(1, 1, 16, 16, 16))
+    loss.backward()
+    assert torch.isfinite(loss) and -1.0 <= loss.item() <= 0.0 and torch.isfinite(I.grad).all()
+
+
+@pytest.mark.parametrize("name", LNCC_NAMES)
+@pytest.mark.parametrize("window", [0, 4, -3, 2.5, True])
+def test_bad_window(name, window):
+    with pytest.raises(ValueError, match="window must be an odd positive integer"):
+        regkit.create_loss(name, window=window)
+
+
+@pytest.mark.parametrize("name", LNCC_NAMES)
+def test_shape_mismatch(name):
+    with pytest.raises(ValueError, match=r"same shape.*\(1, 1, 8, 8, 8\).*\(1, 1, 8, 8, 9\)"):
+        regkit.create_loss(name)(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 9))
+
+
+def test_grad_regulariser_hand_computed():
+    # flow_0 = 0.5 * index along axis 0, others zero: only the d/dz of channel 0 is nonzero (0.5)
+    idx = torch.arange(6, dtype=torch.float64).view(6, 1, 1).expand(6, 7, 8)
+    flow = torch.zeros(1, 3, 6, 7, 8, dtype=torch.float64)
+    flow[0, 0] = 0.5 * idx
+    # axis-0 differences: channel 0 is 0.5 everywhere, channels 1, 2 zero -> mean of squares 0.25/3
+    l2 = regkit.create_loss("grad", penalty="l2")(flow).item()
+    l1 = regkit.create_loss("grad", penalty="l1")(flow).item()
+    assert abs(l2 - (0.25 / 3) / 3) < 1e-15
+    assert abs(l1 - (0.5 / 3) / 3) < 1e-15
+
+
+def _inputs_for(term, shape=(1, 1, 16, 16, 16)):
+    torch.manual_seed(0)
+    if term.inputs == "images":
+        return torch.rand(shape), torch.rand(shape)
+    if term.inputs == "flow":
+        return (torch.randn(shape[0], 3, *shape[2:]),)
+    k = len(term.labels)
+    return torch.rand(shape[0], k, *shape[2:]), (torch.rand(shape[0], k, *shape[2:]) > 0.5).float()
+
+
+@pytest.mark.parametrize("name", regkit.list_losses())
+def test_every_loss_runs_with_defaults(name):
+    term = regkit.create_loss(name)
+    assert term.inputs in ("images", "flow", "labels")
+    value = term(*_inputs_for(term))
+    assert value.dim() == 0 and torch.isfinite(value)
+
+
+def test_composite_reports_named_terms_and_weighted_total():
+    loss = CompositeLoss({"lncc_fast": {"weight": 1.0}, "grad": {"weight": 2.5, "penalty": "l1"}})
+    torch.manual_seed(0)
+    out = RegistrationOutput(warped=torch.rand(1, 1, 16, 16, 16), flow=torch.randn(1, 3, 16, 16, 16))
+    res = loss(out, {"fixed": torch.rand(1, 1, 16, 16, 16)})
+    assert set(res.terms) == {"lncc_fast", "grad"}
+    assert torch.allclose(res.total, res.terms["lncc_fast"] + 2.5 * res.terms["grad"])
+    assert loss.terms["grad"].penalty == "l1"
+
+
+def test_composite_unknown_term_name():
+    with pytest.raises(ValueError, match="Unknown loss 'gard'.*Did you mean 'grad'"):
+        CompositeLoss({"gard": {"weight": 1.0}})
+
+
+def test_composite_regularises_velocity_when_present():
+    loss = CompositeLoss({"grad": {"weight": 1.0}})
+    flow, vel = torch.zeros(1, 3, 8, 8, 8), torch.randn(1, 3, 8, 8, 8)
+    res = loss(RegistrationOutput(torch.zeros(1, 1, 8, 8, 8), flow, vel), {})
+    assert res.total.item() == pytest.approx(regkit.create_loss("grad")(vel).item())
