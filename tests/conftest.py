@@ -39,6 +39,6 @@ def compose(overrides=(), output_dir=None, data_dir=None):
 
 
 TINY_DATA = [
-    "dataset.shape=[32,32,32]", "dataset.n_train=3", "dataset.n_val=1", "dataset.n_test=0",
+    "dataset.shape=[32,32,32]", "dataset.n_train=3", "dataset.n_val=1", "dataset.n_test=0", "dataset.batch_size=1",
     "trainer.device=cpu", "callbacks.progress.enabled=false",
 ]
