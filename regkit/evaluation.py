@@ -100,7 +100,7 @@ def _stats(values: List[float]) -> Dict[str, float]:
 def load_run(checkpoint, overrides: Sequence[str] = (), device: str = "cpu"):
     """The model, the checkpoint dict and the dataset (rebuilt from the checkpoint's config with
     ``overrides`` such as ``dataset.root=/data/ixi``)."""
-    from hydra.utils import instantiate
+    import yaml
     from omegaconf import OmegaConf
 
     from regkit.training.checkpoint import load_checkpoint, load_model
@@ -114,7 +114,7 @@ def load_run(checkpoint, overrides: Sequence[str] = (), device: str = "cpu"):
         if "=" not in item:
             raise InputError(f"override '{item}' must be key=value, e.g. dataset.root=/data/ixi")
         key, value = item.split("=", 1)
-        OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if value else None, merge=False)
+        OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
     return model, ckpt, cfg
 
 

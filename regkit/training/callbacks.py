@@ -41,15 +41,16 @@ def slice_panel(moving: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor,
     vols = [np.clip((v - v.min()) / (v.max() - v.min() + 1e-8), 0, 1) if i < 3 else v for i, v in enumerate(vols)]
     if ndim == 2:
         return np.concatenate([v.T[::-1] for v in vols], axis=1)
-    rows = []
-    for axis in range(3):
-        sl = [np.take(v, v.shape[axis] // 2, axis=axis).T[::-1] for v in vols]
-        h = max(s.shape[0] for s in sl)
-        w = max(s.shape[1] for s in sl)
-        sl = [np.pad(s, ((0, h - s.shape[0]), (0, w - s.shape[1]))) for s in sl]
-        rows.append(np.concatenate(sl, axis=1))
-    width = max(r.shape[1] for r in rows)
-    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows], axis=0)
+    slices = [[np.take(v, v.shape[axis] // 2, axis=axis).T[::-1] for v in vols] for axis in range(3)]
+    # one cell size for every slice, images centred in it, so the columns line up across rows
+    h = max(s.shape[0] for row in slices for s in row)
+    w = max(s.shape[1] for row in slices for s in row)
+
+    def cell(s):
+        top, left = (h - s.shape[0]) // 2, (w - s.shape[1]) // 2
+        return np.pad(s, ((top, h - s.shape[0] - top), (left, w - s.shape[1] - left)))
+
+    return np.concatenate([np.concatenate([cell(s) for s in row], axis=1) for row in slices], axis=0)
 
 
 class Validation(Callback):
@@ -68,8 +69,8 @@ class Validation(Callback):
             (``val/label_mode`` text).
         max_pairs: validate on at most this many pairs (``None``: all).
         jacobian: log the folding and SDlogJ metrics (cheap; default on).
-        hd95: log HD95 (default off: exact but costly, about 10 s per pair at 160×192×224 on a
-            2-core CPU for the 30 IXI labels; turn on for small images or a GPU).
+        hd95: log HD95 (default off: exact but costly, seconds per pair at 160×192×224 on a CPU
+            for the 30 IXI labels, see docs/benchmarks.md; turn on for small images or a GPU).
     """
 
     order = 0
