@@ -84,6 +84,20 @@ def pair_metrics(flow: Tensor, moving_label: Optional[Tensor] = None, fixed_labe
     return out
 
 
+def _predict(model, moving: Tensor, fixed: Tensor, net_shape) -> Tensor:
+    """The flow on the grid of ``moving``; the network sees the pair at ``net_shape`` (its
+    training size) when that differs, e.g. to evaluate at full resolution a model trained with
+    ``dataset.resize`` (run with ``--set dataset.resize=null``)."""
+    from regkit.data.resample import resize_volume
+    from regkit.spatial import resize_flow
+
+    full = tuple(moving.shape[2:])
+    if net_shape is None or tuple(net_shape) == full:
+        return model(moving, fixed).flow
+    flow = model(resize_volume(moving, net_shape), resize_volume(fixed, net_shape)).flow
+    return resize_flow(flow, full)
+
+
 # -- the command --------------------------------------------------------------------------------
 def _fmt(v: float, digits: int = 4) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
@@ -150,6 +164,8 @@ def evaluate(checkpoint, split: str = "test", out_dir=None, overrides: Sequence[
         raise InputError(f"{checkpoint}: the dataset has no '{split}' pairs")
     labels = data.eval_labels
     groups = data.label_groups
+    trained = (ckpt.get("data") or {}).get("shape")
+    net_shape = tuple(int(v) for v in trained) if trained else None
     rows, per_label, per_group = [], [], []
     n = len(loader) if limit is None else min(limit, len(loader))
     with torch.no_grad():
@@ -157,12 +173,13 @@ def evaluate(checkpoint, split: str = "test", out_dir=None, overrides: Sequence[
             if k >= n:
                 break
             batch = move_to(batch, dev)
+            eval_shape = tuple(batch["moving"].shape[2:])
             start = time.perf_counter()
-            outp = model(batch["moving"], batch["fixed"])
+            flow = _predict(model, batch["moving"], batch["fixed"], net_shape)
             seconds = time.perf_counter() - start
             has = "moving_label" in batch and labels
             spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
-            m = pair_metrics(outp.flow, batch.get("moving_label"), batch.get("fixed_label"), labels, spacing,
+            m = pair_metrics(flow, batch.get("moving_label"), batch.get("fixed_label"), labels, spacing,
                              label_mode, with_hd95 and bool(has), groups)
             row = {"id": batch["id"][0], "label_mode": label_mode if has else "", "seconds": seconds,
                    "nonpos_jac_pct": float(m["nonpos_jac_pct"][0]), "sdlogj": float(m["sdlogj"][0])}
@@ -200,7 +217,9 @@ def evaluate(checkpoint, split: str = "test", out_dir=None, overrides: Sequence[
                if any(key in r for r in rows)}
     lines = [f"# Evaluation: {Path(checkpoint).name}, split `{split}`", "",
              f"- checkpoint: `{checkpoint}` (model `{ckpt['model']['name']}`, epoch {ckpt.get('epoch')})",
-             f"- pairs: {len(rows)}; device: {dev}; label warping: **{label_mode}**",
+             f"- pairs: {len(rows)}; device: {dev}; label warping: **{label_mode}**; evaluated at "
+             f"{'x'.join(str(v) for v in eval_shape)}"
+             + (f" (network at {'x'.join(str(v) for v in net_shape)})" if net_shape else ""),
              f"- labels: {len(labels) if labels else 0} evaluated" + (f", {len(groups)} groups" if groups else ""),
              "- conventions: docs/evaluation.md (Dice NaN for absent labels; HD95 in mm, inf when a structure "
              "vanishes; % |J| <= 0 of all voxels; SDlogJ over det J > 0)", "",

@@ -168,3 +168,14 @@ def test_validation_logs_jacobian_hd95_and_groups(tmp_path, data_dir):
     metrics = train(compose(overrides, output_dir=tmp_path, data_dir=data_dir))
     assert 0 <= metrics["val/dice_groups"] <= 1 and 0 <= metrics["val/dice"] <= 1
     assert metrics["val/hd95"] > 0 and metrics["val/sdlogj"] >= 0 and 0 <= metrics["val/nonpos_jac_pct"] <= 100
+
+
+def test_evaluate_at_full_resolution_and_from_a_csv(tmp_path, checkpoint):
+    # the checkpoint's dataset resizes to 16³; resize=null evaluates on the 24×20×28 files, the
+    # network still seeing its training size
+    res = evaluate(checkpoint, "test", tmp_path / "full", overrides=["dataset.resize=null"], with_hd95=False,
+                   device="cpu", progress=False)
+    assert "evaluated at 24x20x28 (network at 16x16x16)" in res["markdown"].read_text()
+    pairs = checkpoint.parent.parent / "pairs.csv"
+    res = evaluate(checkpoint, out_dir=tmp_path / "csv", pairs_csv=pairs, with_hd95=False, device="cpu", progress=False, limit=1)
+    assert len(res["rows"]) == 1 and res["rows"][0]["label_mode"] == "nearest"

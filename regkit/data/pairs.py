@@ -143,6 +143,9 @@ class PairDataset(Dataset):
             t = resize_volume(torch.from_numpy(np.ascontiguousarray(arr))[None, None], self.resize,
                               "nearest" if label else "bilinear")
             arr = t[0, 0].numpy()
+        if label:  # cached compactly; items are int64
+            small = arr.size == 0 or (arr.min() >= np.iinfo(np.int16).min and arr.max() <= np.iinfo(np.int16).max)
+            arr = arr.astype(np.int16 if small else np.int32)
         out = (arr, spacing)
         if self.cache:
             self._cache[path] = out
@@ -168,8 +171,8 @@ class PairDataset(Dataset):
                 shape = ml.shape if what == "moving_label" else fl.shape
                 if shape != moving.shape:
                     raise InputError(f"pair '{pr.id}': label map {lab} has shape {shape}, image has {moving.shape}")
-            item["moving_label"] = torch.from_numpy(ml[None].copy())
-            item["fixed_label"] = torch.from_numpy(fl[None].copy())
+            item["moving_label"] = torch.from_numpy(ml[None].astype(np.int64))
+            item["fixed_label"] = torch.from_numpy(fl[None].astype(np.int64))
         return item
 
 
