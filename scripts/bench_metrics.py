@@ -79,7 +79,8 @@ def run() -> str:
         rows.append(f"| {lab} | {ours:.4f} | {ref:.4f} | {abs(ours - ref):.1e} | {t_ours:.3f} | {t_ref:.3f} | {t_ref / t_ours:.1f}× |")
     slowest = sorted(per, reverse=True)[:3]
     try:  # MONAI's HD95 needs SciPy (or cuCIM) for its distance transform: compared only when present
-        import scipy  # noqa: F401
+        import monai
+        import scipy
         from monai.metrics import compute_hausdorff_distance
 
         from regkit.metrics import one_hot
@@ -87,12 +88,15 @@ def run() -> str:
         t_monai, ref = _time(lambda: compute_hausdorff_distance(
             one_hot(moving, labels), one_hot(fixed, labels), include_background=True, percentile=95), 1)
         both = torch.isfinite(h) & torch.isfinite(ref.double())
-        monai = (f"MONAI `compute_hausdorff_distance` (SciPy EDT), same labels: {t_monai:.2f} s per pair; "
+        monai_line = (f"MONAI {monai.__version__} `compute_hausdorff_distance` (SciPy {scipy.__version__} EDT), same "
+                 f"labels: {t_monai:.2f} s per pair; "
                  f"largest difference from regkit {float((h - ref.double())[both].abs().max()):.1e} mm "
                  f"(MONAI works in float32). regkit / MONAI time: {t_hd / t_monai:.2f}.")
     except ImportError:
-        monai = "MONAI `compute_hausdorff_distance` not compared: it needs SciPy, which is not installed."
+        monai_line = "MONAI `compute_hausdorff_distance` not compared: it needs SciPy, which is not installed."
     lines = [START, "## Evaluation metrics at 160×192×224 (`scripts/bench_metrics.py`)", "",
+             "Run: `REGKIT_REAL_DATA=../shared/data/real python scripts/bench_metrics.py --out docs/benchmarks.md` "
+             "(the MONAI comparison runs when SciPy, which regkit does not depend on, is importable).", "",
              f"{what}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, {datetime.date.today().isoformat()}. Best of runs after a warm-up; "
              "the machine may be shared, so compare within this table.", "",
@@ -101,7 +105,7 @@ def run() -> str:
              f"| % det J <= 0 and SDlogJ (float64) | {t_jac:.2f} |",
              f"| HD95, {len(labels)} labels (exact) | {t_hd:.2f} |", "",
              "Slowest labels for HD95: " + ", ".join(f"{lab} ({t:.2f} s)" for t, lab in slowest) + ".", "",
-             monai, "",
+             monai_line, "",
              "Exactness and speed against a brute-force reference (Euclidean distances between all surface-voxel "
              "pairs, chunked `torch.cdist`) on the five smallest labels:", "",
              "| label | regkit HD95 (mm) | brute force (mm) | difference | regkit s | brute force s | ratio |",
