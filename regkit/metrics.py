@@ -11,7 +11,6 @@ import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from regkit.errors import InputError
