@@ -1,16 +1,90 @@
 """Evaluation metrics on label maps and deformation fields.
 
 Label maps are integer tensors ``(B, 1, *spatial)`` or ``(B, *spatial)`` holding label values
-(e.g. FreeSurfer IDs), not class indices.
+(e.g. FreeSurfer IDs), not class indices. Flows are ``(B, ndim, *spatial)`` displacements in
+voxels (regkit's convention, see :mod:`regkit.spatial`). The conventions (absent labels, empty
+structures, folded voxels) are stated in each docstring and collected in ``docs/evaluation.md``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from regkit.errors import InputError
+from regkit.spatial import jacobian_determinant
+
+# The 30 FreeSurfer structures evaluated on IXI (TransMorph protocol).
+IXI_LABELS: Tuple[int, ...] = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
+                               41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
+
+# The 17 structures of the published IXI tables: each left/right pair of the 30 labels is
+# averaged into one structure; midline structures stand alone. Order and names follow the
+# TransMorph IXI evaluation (IXI/analysis.py, IXI/Anatomical_Structures.md).
+IXI_STRUCTURES: Dict[str, Tuple[int, ...]] = {
+    "Brain-Stem": (16,),
+    "Thalamus": (10, 49),
+    "Cerebellum-Cortex": (8, 47),
+    "Cerebral-White-Matter": (2, 41),
+    "Cerebellum-White-Matter": (7, 46),
+    "Putamen": (12, 51),
+    "VentralDC": (28, 60),
+    "Pallidum": (13, 52),
+    "Caudate": (11, 50),
+    "Lateral-Ventricle": (4, 43),
+    "Hippocampus": (17, 53),
+    "3rd-Ventricle": (14,),
+    "4th-Ventricle": (15,),
+    "Amygdala": (18, 54),
+    "Cerebral-Cortex": (3, 42),
+    "CSF": (24,),
+    "Choroid-Plexus": (31, 63),
+}
+
+# FreeSurfer colour-table names of the labels regkit's tables print.
+FREESURFER_NAMES: Dict[int, str] = {
+    2: "Left-Cerebral-White-Matter", 3: "Left-Cerebral-Cortex", 4: "Left-Lateral-Ventricle",
+    5: "Left-Inf-Lat-Vent", 7: "Left-Cerebellum-White-Matter", 8: "Left-Cerebellum-Cortex",
+    10: "Left-Thalamus", 11: "Left-Caudate", 12: "Left-Putamen", 13: "Left-Pallidum",
+    14: "3rd-Ventricle", 15: "4th-Ventricle", 16: "Brain-Stem", 17: "Left-Hippocampus",
+    18: "Left-Amygdala", 24: "CSF", 26: "Left-Accumbens-area", 28: "Left-VentralDC",
+    30: "Left-vessel", 31: "Left-choroid-plexus", 41: "Right-Cerebral-White-Matter",
+    42: "Right-Cerebral-Cortex", 43: "Right-Lateral-Ventricle", 44: "Right-Inf-Lat-Vent",
+    46: "Right-Cerebellum-White-Matter", 47: "Right-Cerebellum-Cortex", 49: "Right-Thalamus",
+    50: "Right-Caudate", 51: "Right-Putamen", 52: "Right-Pallidum", 53: "Right-Hippocampus",
+    54: "Right-Amygdala", 58: "Right-Accumbens-area", 60: "Right-VentralDC", 62: "Right-vessel",
+    63: "Right-choroid-plexus", 72: "5th-Ventricle", 77: "WM-hypointensities",
+    80: "non-WM-hypointensities", 85: "Optic-Chiasm", 251: "CC_Posterior",
+    252: "CC_Mid_Posterior", 253: "CC_Central", 254: "CC_Mid_Anterior", 255: "CC_Anterior",
+}
+
+# Named label sets, so a config can say ``eval_labels: ixi`` / ``label_groups: ixi``.
+LABEL_SETS: Dict[str, Tuple[int, ...]] = {"ixi": IXI_LABELS}
+LABEL_GROUPS: Dict[str, Dict[str, Tuple[int, ...]]] = {"ixi": IXI_STRUCTURES}
+
+
+def resolve_labels(labels) -> Optional[Tuple[int, ...]]:
+    """``None``, a name from :data:`LABEL_SETS` (``"ixi"``) or a sequence of ints -> tuple."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        if labels not in LABEL_SETS:
+            raise InputError(f"Unknown label set '{labels}'. Valid: {', '.join(LABEL_SETS)} (or a list of label values).")
+        return LABEL_SETS[labels]
+    return tuple(int(v) for v in labels)
+
+
+def resolve_groups(groups) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """``None``, a name from :data:`LABEL_GROUPS` (``"ixi"``) or ``{name: [labels]}`` -> dict."""
+    if groups is None:
+        return None
+    if isinstance(groups, str):
+        if groups not in LABEL_GROUPS:
+            raise InputError(f"Unknown label grouping '{groups}'. Valid: {', '.join(LABEL_GROUPS)} (or a mapping name -> labels).")
+        return dict(LABEL_GROUPS[groups])
+    return {str(k): tuple(int(v) for v in vs) for k, vs in dict(groups).items()}
 
 
 def _squeeze_labels(label_map: Tensor) -> Tensor:
@@ -28,10 +102,11 @@ def one_hot(label_map: Tensor, labels: Sequence[int], dtype: torch.dtype = torch
 
 
 def dice(pred: Tensor, target: Tensor, labels: Sequence[int]) -> Tensor:
-    """Per-label Dice ``2|A∩B| / (|A| + |B|)``, shape ``(B, len(labels))``.
+    """Per-label Dice ``2|A∩B| / (|A| + |B|)``, shape ``(B, len(labels))``, float64.
 
     A label absent from both maps gives NaN, so that averages (``torch.nanmean``) skip it
-    instead of counting a perfect or a zero score for a structure that is not there.
+    instead of counting a perfect or a zero score for a structure that is not there. A label
+    present in one map only gives 0.
     """
     p, t = _squeeze_labels(pred), _squeeze_labels(target)
     if p.shape != t.shape:
@@ -52,3 +127,190 @@ def dice(pred: Tensor, target: Tensor, labels: Sequence[int]) -> Tensor:
 def mean_dice(pred: Tensor, target: Tensor, labels: Sequence[int]) -> Tensor:
     """Mean Dice over the labels present, per batch item ``(B,)``."""
     return torch.nanmean(dice(pred, target, labels), dim=1)
+
+
+def group_scores(per_label: Tensor, labels: Sequence[int], groups: Mapping[str, Sequence[int]]) -> Tensor:
+    """Average per-label scores into groups, e.g. the IXI left/right pairs into 17 structures.
+
+    Args:
+        per_label: ``(B, len(labels))`` scores (Dice, HD95, ...), NaN where undefined.
+        labels: the label value of each column.
+        groups: ``{name: member labels}``; every member must be one of ``labels``.
+    Returns:
+        ``(B, len(groups))``: the mean over each group's members that are not NaN (NaN when all
+        are NaN), columns in the order of ``groups``.
+    """
+    index = {int(v): k for k, v in enumerate(labels)}
+    missing = sorted({int(m) for ms in groups.values() for m in ms} - set(index))
+    if missing:
+        raise InputError(f"label groups use labels {missing} that are not among the evaluated labels {list(labels)}")
+    cols = [torch.nanmean(per_label[:, [index[int(m)] for m in ms]], dim=1) for ms in groups.values()]
+    return torch.stack(cols, dim=1)
+
+
+# -- deformation fields -------------------------------------------------------------------------
+def jacobian_metrics(flow: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Folding and smoothness of ``x + flow(x)``, per batch item.
+
+    Args:
+        flow: ``(B, ndim, *spatial)`` displacement in voxels (any dtype; computed in float64).
+        mask: optional ``(B, *spatial)`` or ``(B, 1, *spatial)`` boolean region (e.g. the fixed
+            image's foreground); ``None`` means every voxel.
+    Returns:
+        ``{"nonpos_jac_pct": (B,), "sdlogj": (B,)}`` (float64):
+
+        * ``nonpos_jac_pct``: 100 × (voxels with det J <= 0) / voxels in the region, where J is
+          the Jacobian of ``x + flow(x)`` from central differences (one-sided at the border, as
+          ``np.gradient``); see :func:`regkit.spatial.jacobian_determinant`. Voxel units: the
+          determinant is a volume ratio, so the voxel size cancels.
+        * ``sdlogj``: population standard deviation of ``log(det J)`` over the region's voxels
+          with det J > 0. Folded voxels (det J <= 0) have no logarithm; they are left out here
+          and counted by ``nonpos_jac_pct``. No offset is added to det J (Learn2Reg's current
+          script adds 3 before the log; regkit does not), so a pure translation gives 0.
+          NaN when no voxel has det J > 0.
+    """
+    det = jacobian_determinant(flow.double())
+    b = det.shape[0]
+    det = det.reshape(b, -1)
+    if mask is None:
+        region = torch.ones_like(det, dtype=torch.bool)
+    else:
+        region = _squeeze_labels(mask).reshape(b, -1).bool()
+        if region.shape != det.shape:
+            raise InputError(f"jacobian mask has {region.shape[1]} voxels per item, the flow {det.shape[1]}")
+    n = region.sum(1).double()
+    nonpos = ((det <= 0) & region).sum(1).double()
+    positive = (det > 0) & region
+    logd = torch.where(positive, det.clamp_min(torch.finfo(det.dtype).tiny).log(), torch.zeros_like(det))
+    m = positive.sum(1).double()
+    mean = logd.sum(1) / m.clamp_min(1)
+    var = (torch.where(positive, logd - mean[:, None], torch.zeros_like(det)) ** 2).sum(1) / m.clamp_min(1)
+    nan = torch.full_like(n, float("nan"))
+    return {"nonpos_jac_pct": torch.where(n > 0, 100 * nonpos / n.clamp_min(1), nan),
+            "sdlogj": torch.where(m > 0, var.sqrt(), nan)}
+
+
+# -- surface distances --------------------------------------------------------------------------
+def _surface(mask: Tensor) -> Tensor:
+    """Voxels of ``mask`` with at least one of their 2·ndim face neighbours outside it (outside
+    the array counts as outside)."""
+    interior = mask.clone()
+    for axis in range(mask.dim()):
+        n = mask.shape[axis]
+        if n < 3:
+            return mask.clone()
+        inner = interior.narrow(axis, 1, n - 2)
+        inner &= mask.narrow(axis, 0, n - 2) & mask.narrow(axis, 2, n - 2)
+        interior.narrow(axis, 0, 1).zero_()
+        interior.narrow(axis, n - 1, 1).zero_()
+    return mask & ~interior
+
+
+def _min_plus_band(f: Tensor, axis: int, step: float, radius: int) -> Tensor:
+    """``out[i] = min_{|o| <= radius} f[i + o] + (o * step)²`` along ``axis`` (inside the array)."""
+    out = f.clone()
+    n = f.shape[axis]
+    for o in range(1, min(radius, n - 1) + 1):
+        cost = (o * step) ** 2
+        lo, hi = f.narrow(axis, 0, n - o), f.narrow(axis, o, n - o)
+        # neighbour at +o seen from the low part, and at -o seen from the high part
+        torch.minimum(out.narrow(axis, 0, n - o), hi + cost, out=out.narrow(axis, 0, n - o))
+        torch.minimum(out.narrow(axis, o, n - o), lo + cost, out=out.narrow(axis, o, n - o))
+    return out
+
+
+def _squared_distance_at(zero: Tensor, query: Tensor, spacing: Sequence[float], q: float = 1.0,
+                         radius_mm: float = 8.0) -> Tensor:
+    """Squared Euclidean distances (mm², float64) from each ``query`` voxel to the nearest
+    ``True`` voxel of ``zero`` (both bool of one shape; ``zero`` non-empty), exact at least up
+    to the ``q`` quantile.
+
+    Separable minimisation along each axis in turn (Saito and Toriwaki's decomposition of the
+    squared distance transform), restricted to offsets within ``radius`` mm per axis. A result
+    ``v <= radius²`` is exact: the nearest voxel then lies within the band on every axis; a
+    larger one is only an upper bound, and is larger than every exact one. The band widens
+    until the values that ``torch.quantile(values, q)`` interpolates between are exact (all of
+    them for ``q = 1``), so the cost follows the distances present, not the image size.
+    """
+    sizes = [n * s for n, s in zip(zero.shape, spacing)]
+    limit = math.sqrt(sum(x * x for x in sizes))
+    base = torch.where(zero, 0.0, math.inf).double()
+    n_query = int(query.sum())
+    need = min(n_query, int(math.ceil(q * (n_query - 1))) + 1)  # sorted positions 0..need-1 must be exact
+    radius = float(radius_mm)
+    while True:
+        f = base
+        for axis, s in enumerate(spacing):
+            f = _min_plus_band(f, axis, float(s), int(math.ceil(radius / float(s))))
+        values = f[query]
+        exact = values <= radius * radius
+        if int(exact.sum()) >= need or radius >= limit:
+            return values
+        # widen to cover the farthest value that must become exact (an upper bound on it)
+        bound = values[~exact].sort().values[need - int(exact.sum()) - 1]
+        radius = min(max(2 * radius, float(bound.sqrt()) if torch.isfinite(bound) else limit), limit)
+
+
+def _directed_quantile(src: Tensor, dst: Tensor, spacing: Sequence[float], q: float) -> Tensor:
+    """The ``q`` quantile (mm) of the distances from the surface voxels of ``src`` to the
+    nearest surface voxel of ``dst`` (both bool, non-empty)."""
+    d2 = _squared_distance_at(_surface(dst), _surface(src), spacing, q)
+    return torch.quantile(d2.sqrt(), q)
+
+
+def _bounding_box(mask: Tensor) -> Tuple[slice, ...]:
+    box = []
+    for axis in range(mask.dim()):
+        other = [d for d in range(mask.dim()) if d != axis]
+        hit = mask.any(dim=other) if other else mask
+        idx = hit.nonzero()[:, 0]
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
+
+
+def hd95(pred: Tensor, target: Tensor, labels: Sequence[int], spacing: Optional[Sequence[float]] = None,
+         percentile: float = 95.0) -> Tensor:
+    """95th-percentile symmetric Hausdorff distance between label surfaces, in mm.
+
+    For each label, the surface of a structure is its voxels with a face neighbour outside it
+    (the image border counts as outside). ``d(A→B)`` are the Euclidean distances, in mm using
+    ``spacing``, from each surface voxel of A to the nearest surface voxel of B (exact, not
+    approximated). HD95 = max(q95(d(A→B)), q95(d(B→A))), with q95 the linearly interpolated
+    95th percentile (``torch.quantile``), as in MONAI's ``compute_hausdorff_distance``.
+
+    Args:
+        pred, target: label maps ``(B, 1, *spatial)`` or ``(B, *spatial)``.
+        labels: the label values to evaluate.
+        spacing: voxel size in mm along each spatial axis (default 1 mm).
+        percentile: 95 for HD95; 100 gives the classic Hausdorff distance.
+    Returns:
+        ``(B, len(labels))`` float64 in mm. A label absent from both maps gives NaN (skipped by
+        ``nanmean``, like :func:`dice`); a label present in one map only gives ``inf``, because
+        a lost structure has no finite distance (averages over it are ``inf`` on purpose).
+    """
+    p, t = _squeeze_labels(pred), _squeeze_labels(target)
+    if p.shape != t.shape:
+        raise InputError(f"hd95: label maps must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}")
+    ndim = p.dim() - 1
+    spacing = (1.0,) * ndim if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != ndim or any(s <= 0 for s in spacing):
+        raise InputError(f"hd95: spacing must be {ndim} positive values in mm, got {spacing}")
+    if not 0 <= percentile <= 100:
+        raise InputError(f"hd95: percentile must be in [0, 100], got {percentile}")
+    out = torch.empty(p.shape[0], len(labels), dtype=torch.float64)
+    for i in range(p.shape[0]):
+        for k, lab in enumerate(labels):
+            a, b = p[i] == lab, t[i] == lab
+            has_a, has_b = bool(a.any()), bool(b.any())
+            if not (has_a or has_b):
+                out[i, k] = math.nan
+                continue
+            if not (has_a and has_b):
+                out[i, k] = math.inf
+                continue
+            # Nearest points lie inside the joint bounding box, so cropping to it is exact.
+            box = _bounding_box(a | b)
+            a, b = a[box], b[box]
+            q = percentile / 100.0
+            out[i, k] = max(float(_directed_quantile(a, b, spacing, q)), float(_directed_quantile(b, a, spacing, q)))
+    return out

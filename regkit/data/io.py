@@ -92,8 +92,12 @@ def atomic_write(path: PathLike, write_fn) -> Path:
     return dest
 
 
-def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header=None, dtype=None) -> Path:
-    """Write a NIfTI file atomically. ``header`` (e.g. the fixed image's) is copied when given."""
+def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header=None, dtype=None,
+               intent: Optional[str] = None, description: Optional[str] = None) -> Path:
+    """Write a NIfTI file atomically. ``header`` (e.g. the fixed image's) is copied when given;
+    its intensity scaling and display range are reset (they described the source's values).
+    ``intent`` (e.g. ``"vector"`` for a displacement field stored as ``(X, Y, Z, 1, 3)``) and
+    ``description`` (80 characters) are written into the header."""
     nib = _nib()
     arr = np.asarray(data)
     if dtype is not None:
@@ -106,4 +110,10 @@ def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header=None
     if hdr is not None:
         img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
         img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    if intent is not None:
+        img.header.set_intent(intent)
+    if description is not None:
+        img.header["descrip"] = description[:79].encode()
     return atomic_write(path, lambda tmp: nib.save(img, tmp))

@@ -3,26 +3,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from regkit.data.io import load_volume
-from regkit.data.pairs import EpochSampler, Pair, PairDataset, read_pairs_csv
-from regkit.errors import InputError
+from regkit.data.pairs import NORMALIZATIONS, EpochSampler, Pair, PairDataset, read_pairs_csv
+from regkit.errors import InputError, MissingFileError
+from regkit.metrics import resolve_groups, resolve_labels
 
 log = logging.getLogger(__name__)
 PairSource = Union[None, str, Path, Sequence[Pair]]
 VALIDATE_LEVELS = ("none", "header", "full")
+AFFINE_CHECKS = ("error", "warn", "off")
 
 
-def _as_pairs(source: PairSource) -> List[Pair]:
+def _as_pairs(source: PairSource, root=None) -> List[Pair]:
     if source is None:
         return []
     if isinstance(source, (str, Path)):
-        return read_pairs_csv(source)
+        return read_pairs_csv(source, root)
     return list(source)
 
 
@@ -32,55 +34,82 @@ class PairData:
     Args:
         train, val, test: a pair-list CSV path or a list of :class:`Pair`.
         batch_size, num_workers: loader options (validation uses batch 1).
-        normalize: intensity normalisation (``none``, ``minmax``, ``percentile``, ``zscore``).
+        normalize: intensity normalisation (``none``, ``minmax``, ``percentile``, ``zscore``);
+            stored in checkpoints so that ``regkit-register`` normalises new scans the same way.
         cache: keep loaded volumes in memory.
-        eval_labels: label values that validation Dice averages over; ``None`` means every
-            nonzero label of the first validation fixed label map.
-        validate: before training, check the files: ``header`` (exist, readable, shapes agree
-            within each pair) or ``full`` (also NaN/inf and integer label maps); ``none`` skips.
+        eval_labels: label values that validation Dice averages over: a list, a named set
+            (``ixi``: the 30 IXI structures), or ``None`` for every nonzero label of the first
+            validation fixed label map.
+        label_groups: optional grouping of ``eval_labels`` reported as well, e.g. ``ixi`` (the
+            17 left/right-averaged IXI structures) or ``{name: [labels]}``.
+        shape: the size every file must have (``None``: any size, but equal within a pair).
+        resize: resample every volume to this size after loading (train at a reduced size).
+        affine_check: what to do when a label map's affine differs from its image's (beyond
+            1e-3 mm): ``error`` (default), ``warn`` or ``off``. Moving and fixed images may
+            have different affines (the network works in voxel space).
+        validate: before training, check the files: ``header`` (exist, readable, shapes and
+            affines agree within each pair) or ``full`` (also NaN/inf and integer label maps);
+            ``none`` skips.
         seed: shuffling seed (combined with the epoch).
+        root: folder that relative paths in the CSVs are relative to (default: each CSV's own
+            folder).
     """
 
     def __init__(self, train: PairSource, val: PairSource = None, test: PairSource = None,
                  batch_size: int = 1, num_workers: int = 0, normalize: str = "minmax",
-                 cache: bool = False, eval_labels: Optional[Sequence[int]] = None,
-                 validate: str = "full", seed: int = 0) -> None:
+                 cache: bool = False, eval_labels: Union[None, str, Sequence[int]] = None,
+                 label_groups: Union[None, str, Mapping[str, Sequence[int]]] = None,
+                 shape: Optional[Sequence[int]] = None, resize: Optional[Sequence[int]] = None,
+                 affine_check: str = "error", validate: str = "full", seed: int = 0, root=None) -> None:
         if validate not in VALIDATE_LEVELS:
             raise InputError(f"Unknown validate '{validate}'. Valid: {', '.join(VALIDATE_LEVELS)}.")
+        if affine_check not in AFFINE_CHECKS:
+            raise InputError(f"Unknown affine_check '{affine_check}'. Valid: {', '.join(AFFINE_CHECKS)}.")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if normalize not in NORMALIZATIONS:
+            raise InputError(f"Unknown normalize '{normalize}'. Valid: {', '.join(NORMALIZATIONS)}.")
+        for name, size in (("shape", shape), ("resize", resize)):
+            if size is not None and (len(size) not in (2, 3) or any(int(s) < 2 for s in size)):
+                raise InputError(f"{name} must be 2 or 3 sizes >= 2, got {list(size)}")
         self.sources = {"train": train, "val": val, "test": test}
+        self.csv_root = root
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.normalize, self.cache, self.validate_level = normalize, bool(cache), validate
+        self.shape = tuple(int(s) for s in shape) if shape is not None else None
+        self.resize = tuple(int(s) for s in resize) if resize is not None else None
+        self.affine_check = affine_check
         self.seed = int(seed)
-        self._eval_labels = list(eval_labels) if eval_labels is not None else None
+        self._eval_labels = list(resolve_labels(eval_labels)) if eval_labels is not None else None
+        self.label_groups = resolve_groups(label_groups)
         self.pairs: dict = {}
         self.datasets: dict = {}
         self._is_setup = False
 
     # -- set-up ---------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Create files if this dataset generates them (overridden by the synthetic dataset)."""
+        """Create or find files (overridden by datasets that generate or scan them)."""
 
     def setup(self) -> "PairData":
         if self._is_setup:
             return self
         self.prepare()
         for split, source in self.sources.items():
-            self.pairs[split] = _as_pairs(source)
-        if not self.pairs["train"]:
-            raise InputError(f"the training split is empty (source: {self.sources['train']})")
+            self.pairs[split] = _as_pairs(source, self.csv_root)
+            if not self.pairs[split] and (split == "train" or source is not None):
+                name = "training" if split == "train" else split
+                raise InputError(f"the {name} split is empty (source: {source})")
         if self.validate_level != "none":
             self.check_files()
         for split, pairs in self.pairs.items():
-            self.datasets[split] = PairDataset(pairs, normalize=self.normalize, cache=self.cache)
+            self.datasets[split] = PairDataset(pairs, normalize=self.normalize, cache=self.cache, resize=self.resize)
         self._is_setup = True
         return self
 
     def check_files(self) -> None:
         """Check every file once, before any training time is spent; report all problems."""
         full = self.validate_level == "full"
-        shapes, problems = {}, []
+        headers, problems, warnings = {}, [], []
         files = {}
         for pairs in self.pairs.values():
             for pr in pairs:
@@ -93,21 +122,48 @@ class PairData:
                                 disable=len(files) < 50):
             try:
                 if full:
-                    shapes[f] = load_volume(f, np.int64 if is_label else np.float32, label=is_label).data.shape
+                    vol = load_volume(f, np.int64 if is_label else np.float32, label=is_label)
+                    headers[f] = (vol.data.shape, vol.affine)
                 else:
-                    shapes[f] = _header_shape(f)
+                    headers[f] = _header(f)
             except (InputError, FileNotFoundError) as exc:
                 problems.append(str(exc))
+                continue
+            if self.shape is not None and tuple(headers[f][0]) != self.shape:
+                problems.append(f"{f}: shape {tuple(headers[f][0])}, expected {self.shape} (dataset.shape)")
         for split, pairs in self.pairs.items():
             for pr in pairs:
-                ref = shapes.get(pr.moving)
+                ref = headers.get(pr.moving)
                 for f in pr.files()[1:]:
-                    if ref is not None and f in shapes and shapes[f] != ref:
-                        problems.append(f"{split} pair '{pr.id}': {f} has shape {shapes[f]} but moving {pr.moving} has {ref}")
+                    if ref is not None and f in headers and headers[f][0] != ref[0]:
+                        problems.append(f"{split} pair '{pr.id}': {f} has shape {headers[f][0]} but moving {pr.moving} has {ref[0]}")
+                if self.affine_check == "off":
+                    continue
+                for image, label in ((pr.moving, pr.moving_label), (pr.fixed, pr.fixed_label)):
+                    if label is None or image not in headers or label not in headers:
+                        continue
+                    message = affine_mismatch(image, headers[image][1], label, headers[label][1])
+                    if message:
+                        (problems if self.affine_check == "error" else warnings).append(message)
+        for message in dict.fromkeys(warnings):
+            log.warning("%s", message)
         if problems:
+            problems = list(dict.fromkeys(problems))
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise InputError(f"{len(problems)} problem(s) in the data: " + "; ".join(problems[:5]) + more)
         log.info("checked %d data files (%s)", len(files), self.validate_level)
+
+    def spec(self) -> Dict[str, object]:
+        """Plain data a checkpoint keeps so that inference prepares new scans as in training:
+        the normalisation, the size the network saw, and the evaluated labels."""
+        self.setup()
+        shape = self.resize
+        if shape is None:
+            if getattr(self, "_shape_seen", None) is None:
+                self._shape_seen = tuple(self.datasets["train"][0]["moving"].shape[1:])
+            shape = self._shape_seen
+        return {"normalize": self.normalize, "shape": list(shape), "resize": list(self.resize) if self.resize else None,
+                "eval_labels": self._eval_labels, "label_groups": {k: list(v) for k, v in (self.label_groups or {}).items()}}
 
     # -- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -128,6 +184,12 @@ class PairData:
     def test_dataloader(self) -> Optional[DataLoader]:
         return self._eval_loader("test")
 
+    def dataloader(self, split: str) -> Optional[DataLoader]:
+        """The loader of ``split`` (``train`` shuffled, ``val``/``test`` in order, batch 1)."""
+        if split not in self.sources:
+            raise InputError(f"Unknown split '{split}'. Valid: {', '.join(self.sources)}.")
+        return self.train_dataloader() if split == "train" else self._eval_loader(split)
+
     @property
     def eval_labels(self) -> Optional[List[int]]:
         """Label values evaluated by Dice (see ``eval_labels`` above); None without labels."""
@@ -142,13 +204,31 @@ class PairData:
         return self._eval_labels
 
 
-def _header_shape(path: Path):
+
+def _header(path: Path):
+    """``(shape, affine)`` from the header only (no voxel data read)."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     import nibabel
 
     try:
-        shape = nibabel.load(str(path)).shape
+        img = nibabel.load(str(path))
+        shape = img.shape
     except Exception as exc:
         raise InputError(f"{path}: cannot read as a NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
-    return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
+    shape = tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
+    return shape, np.asarray(img.affine, dtype=np.float64)
+
+
+def affine_mismatch(image: Path, image_affine: np.ndarray, label: Path, label_affine: np.ndarray,
+                    tol: float = 1e-3) -> Optional[str]:
+    """One line naming both files and how their voxel-to-world affines differ, or ``None``."""
+    if np.allclose(image_affine, label_affine, atol=tol, rtol=0):
+        return None
+    def describe(a):
+        spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+        return f"spacing {np.round(spacing, 4).tolist()} mm, origin {np.round(a[:3, 3], 3).tolist()}"
+    worst = float(np.abs(image_affine - label_affine).max())
+    return (f"label map {label} and image {image} have different affines (max difference {worst:.4g}; "
+            f"label: {describe(label_affine)}; image: {describe(image_affine)}): the label map's header "
+            f"is wrong or it belongs to another image (dataset.affine_check=warn to proceed anyway)")

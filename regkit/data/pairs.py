@@ -36,8 +36,11 @@ class Pair:
         return [p for p in (self.moving, self.fixed, self.moving_label, self.fixed_label) if p is not None]
 
 
-def read_pairs_csv(path: PathLike) -> List[Pair]:
-    """Parse a pair list; missing columns or rows are reported with the file and line."""
+def read_pairs_csv(path: PathLike, root: Optional[PathLike] = None) -> List[Pair]:
+    """Parse a pair list; missing columns or rows are reported with the file and line.
+
+    Relative paths are relative to ``root`` when given, else to the CSV's folder.
+    """
     p = Path(path)
     if not p.exists():
         raise MissingFileError(f"{p}: pair list not found")
@@ -47,7 +50,7 @@ def read_pairs_csv(path: PathLike) -> List[Pair]:
         for need in ("moving", "fixed"):
             if need not in cols:
                 raise InputError(f"{p}: missing column '{need}' (found columns: {', '.join(cols) or 'none'})")
-        base = p.parent
+        base = Path(root).expanduser() if root is not None else p.parent
         pairs = []
         for line, row in enumerate(reader, start=2):
             def path_of(key: str) -> Optional[Path]:
@@ -103,54 +106,73 @@ def normalize_intensity(x: np.ndarray, method: str) -> np.ndarray:
 
 
 class PairDataset(Dataset):
-    """Loads pairs as ``{"moving", "fixed"[, "moving_label", "fixed_label"], "id"}``.
+    """Loads pairs as ``{"moving", "fixed"[, "moving_label", "fixed_label"], "spacing", "id"}``.
 
-    Images are ``(1, *spatial)`` float32, label maps ``(1, *spatial)`` int64. With
-    ``cache=True`` each file is read once and kept in memory (an atlas shared by every pair is
-    read once either way when cached), so data loading stays a small share of a step.
+    Images are ``(1, *spatial)`` float32, label maps ``(1, *spatial)`` int64, ``spacing`` the
+    fixed image's voxel size in mm ``(ndim,)`` float64 (after any resizing). With ``cache=True``
+    each file is read once and kept in memory (an atlas shared by every pair is read once), so
+    data loading stays a small share of a step. With ``resize`` every volume is resampled to
+    that size (images linearly, label maps by nearest neighbour; see
+    :func:`regkit.data.resample.resize_volume`), e.g. to train at half the IXI size.
     """
 
-    def __init__(self, pairs: Sequence[Pair], normalize: str = "minmax", cache: bool = False) -> None:
+    def __init__(self, pairs: Sequence[Pair], normalize: str = "minmax", cache: bool = False,
+                 resize: Optional[Sequence[int]] = None) -> None:
         if normalize not in NORMALIZATIONS:
             raise InputError(f"Unknown normalize '{normalize}'. Valid: {', '.join(NORMALIZATIONS)}.")
         self.pairs = list(pairs)
         self.normalize = normalize
         self.cache = cache
-        self._cache: Dict[Path, np.ndarray] = {}
+        self.resize = tuple(int(s) for s in resize) if resize else None
+        self._cache: Dict[Path, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _image(self, path: Path) -> np.ndarray:
+    def _load(self, path: Path, label: bool) -> tuple:
         if path in self._cache:
             return self._cache[path]
-        arr = normalize_intensity(load_volume(path, np.float32).data, self.normalize).astype(np.float32)
+        vol = load_volume(path, np.int64 if label else np.float32, label=label)
+        arr, spacing = vol.data, vol.spacing
+        if not label:
+            arr = normalize_intensity(arr, self.normalize).astype(np.float32)
+        if self.resize is not None and tuple(arr.shape) != self.resize:
+            from regkit.data.resample import resize_volume, resized_spacing
+
+            spacing = resized_spacing(spacing, arr.shape, self.resize)
+            t = resize_volume(torch.from_numpy(np.ascontiguousarray(arr))[None, None], self.resize,
+                              "nearest" if label else "bilinear")
+            arr = t[0, 0].numpy()
+        if label:  # cached compactly; items are int64
+            small = arr.size == 0 or (arr.min() >= np.iinfo(np.int16).min and arr.max() <= np.iinfo(np.int16).max)
+            arr = arr.astype(np.int16 if small else np.int32)
+        out = (arr, spacing)
         if self.cache:
-            self._cache[path] = arr
-        return arr
+            self._cache[path] = out
+        return out
+
+    def _image(self, path: Path) -> np.ndarray:
+        return self._load(path, False)[0]
 
     def _label(self, path: Path) -> np.ndarray:
-        if path in self._cache:
-            return self._cache[path]
-        arr = load_volume(path, np.int64, label=True).data
-        if self.cache:
-            self._cache[path] = arr
-        return arr
+        return self._load(path, True)[0]
 
     def __getitem__(self, index: int) -> dict:
         pr = self.pairs[index]
-        moving, fixed = self._image(pr.moving), self._image(pr.fixed)
+        moving = self._image(pr.moving)
+        fixed, spacing = self._load(pr.fixed, False)
         if moving.shape != fixed.shape:
             raise InputError(f"pair '{pr.id}': moving {pr.moving} has shape {moving.shape} but fixed {pr.fixed} has {fixed.shape}")
-        item = {"moving": torch.from_numpy(moving[None].copy()), "fixed": torch.from_numpy(fixed[None].copy()), "id": pr.id}
+        item = {"moving": torch.from_numpy(moving[None].copy()), "fixed": torch.from_numpy(fixed[None].copy()),
+                "spacing": torch.tensor(spacing, dtype=torch.float64), "id": pr.id}
         if pr.has_labels:
             ml, fl = self._label(pr.moving_label), self._label(pr.fixed_label)
             for what, lab in (("moving_label", pr.moving_label), ("fixed_label", pr.fixed_label)):
                 shape = ml.shape if what == "moving_label" else fl.shape
                 if shape != moving.shape:
                     raise InputError(f"pair '{pr.id}': label map {lab} has shape {shape}, image has {moving.shape}")
-            item["moving_label"] = torch.from_numpy(ml[None].copy())
-            item["fixed_label"] = torch.from_numpy(fl[None].copy())
+            item["moving_label"] = torch.from_numpy(ml[None].astype(np.int64))
+            item["fixed_label"] = torch.from_numpy(fl[None].astype(np.int64))
         return item
 
 

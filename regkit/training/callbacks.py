@@ -13,33 +13,20 @@ from tqdm.auto import tqdm
 
 from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
-from regkit.metrics import dice
+from regkit.evaluation import LABEL_MODES, pair_metrics, warp_labels  # noqa: F401 (warp_labels re-exported)
 from regkit.spatial import warp
 from regkit.training.checkpoint import save_checkpoint
 from regkit.training.trainer import Callback, Trainer, move_to
 
 log = logging.getLogger("regkit")
 
-LABEL_MODES = ("nearest", "linear")
-
-
-def warp_labels(label_map: torch.Tensor, flow: torch.Tensor, labels, mode: str = "nearest") -> torch.Tensor:
-    """Warp an integer label map: ``nearest`` resamples the IDs directly; ``linear`` warps the
-    one-hot maps of ``labels`` linearly and takes the arg-max (background where none wins)."""
-    if mode == "nearest":
-        return warp(label_map.float(), flow, mode="nearest").round().long()
-    if mode != "linear":
-        raise InputError(f"Unknown label_mode '{mode}'. Valid: {', '.join(LABEL_MODES)}.")
-    from regkit.metrics import one_hot
-
-    ids = [0] + [int(v) for v in labels if v != 0]
-    warped = warp(one_hot(label_map, ids, dtype=flow.dtype), flow, mode="bilinear")
-    return torch.as_tensor(ids, device=flow.device)[warped.argmax(1, keepdim=True)]
-
-
 def slice_panel(moving: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor, flow: torch.Tensor) -> np.ndarray:
-    """A picture: rows are the three orthogonal mid-slices; columns are moving, fixed, warped
-    and the deformation grid (the flow's effect on a regular grid). 2-D inputs give one row."""
+    """A picture: rows are the three orthogonal mid-slices; columns are moving, fixed, warped,
+    the deformation grid (the flow's effect on a regular grid) and the Jacobian determinant
+    (grey 0.5 = volume kept, white = expansion ×2 or more, black = folding, det J <= 0). 2-D
+    inputs give one row."""
+    from regkit.spatial import jacobian_determinant
+
     ndim = flow.shape[1]
     shape = flow.shape[2:]
     grid = torch.zeros(1, 1, *shape, device=flow.device, dtype=flow.dtype)
@@ -48,43 +35,54 @@ def slice_panel(moving: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor,
         idx = [slice(None)] * (ndim + 2)
         idx[2 + d] = slice(0, None, step)
         grid[tuple(idx)] = 1.0
-    grid_w = warp(grid, flow, mode="bilinear")
-    vols = [v[0, 0].detach().float().cpu().numpy() for v in (moving, fixed, warped, grid_w)]
+    grid_w = warp(grid, flow[:1], mode="bilinear")
+    jac = (jacobian_determinant(flow[:1].double()).float() / 2).clamp(0, 1)[:, None]
+    vols = [v[0, 0].detach().float().cpu().numpy() for v in (moving, fixed, warped, grid_w, jac)]
     vols = [np.clip((v - v.min()) / (v.max() - v.min() + 1e-8), 0, 1) if i < 3 else v for i, v in enumerate(vols)]
     if ndim == 2:
         return np.concatenate([v.T[::-1] for v in vols], axis=1)
-    rows = []
-    for axis in range(3):
-        sl = [np.take(v, v.shape[axis] // 2, axis=axis).T[::-1] for v in vols]
-        h = max(s.shape[0] for s in sl)
-        w = max(s.shape[1] for s in sl)
-        sl = [np.pad(s, ((0, h - s.shape[0]), (0, w - s.shape[1]))) for s in sl]
-        rows.append(np.concatenate(sl, axis=1))
-    width = max(r.shape[1] for r in rows)
-    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows], axis=0)
+    slices = [[np.take(v, v.shape[axis] // 2, axis=axis).T[::-1] for v in vols] for axis in range(3)]
+    # one cell size for every slice, images centred in it, so the columns line up across rows
+    h = max(s.shape[0] for row in slices for s in row)
+    w = max(s.shape[1] for row in slices for s in row)
+
+    def cell(s):
+        top, left = (h - s.shape[0]) // 2, (w - s.shape[1]) // 2
+        return np.pad(s, ((top, h - s.shape[0] - top), (left, w - s.shape[1] - left)))
+
+    return np.concatenate([np.concatenate([cell(s) for s in row], axis=1) for row in slices], axis=0)
 
 
 class Validation(Callback):
-    """Validation Dice (and loss terms) after every ``every_n_epochs`` epochs.
+    """Validation metrics after every ``every_n_epochs`` epochs.
 
-    Logs ``val/dice`` (mean over pairs of the mean over ``eval_labels``), ``val/loss/<term>``,
-    ``time/validation`` and a picture ``val/slices``. Before the first epoch it logs the
-    unregistered Dice (identity transform) as ``val/dice`` at epoch 0 and ``val/dice_before``.
+    Logs ``val/dice`` (mean over pairs of the mean over ``eval_labels``), ``val/dice_groups``
+    (mean over the dataset's label groups, e.g. the IXI 17 structures, when it has groups),
+    ``val/nonpos_jac_pct`` (% voxels with det J <= 0) and ``val/sdlogj`` (``jacobian``),
+    ``val/hd95`` in mm (``hd95``), ``val/loss/<term>``, ``time/validation`` and a picture
+    ``val/slices``. Before the first epoch it logs the unregistered Dice (identity transform) as
+    ``val/dice`` at epoch 0 and ``val/dice_before``. Conventions: ``docs/evaluation.md``.
 
     Args:
         label_mode: ``nearest`` (default) or ``linear`` (one-hot) label warping; published Dice
-            moves by ~0.005-0.01 between the two, so the choice is logged with the run.
+            moves by ~0.005-0.01 between the two, so the choice is logged with the run
+            (``val/label_mode`` text).
         max_pairs: validate on at most this many pairs (``None``: all).
+        jacobian: log the folding and SDlogJ metrics (cheap; default on).
+        hd95: log HD95 (default off: exact but costly, seconds per pair at 160×192×224 on a CPU
+            for the 30 IXI labels, see docs/benchmarks.md; turn on for small images or a GPU).
     """
 
     order = 0
 
     def __init__(self, every_n_epochs: int = 1, label_mode: str = "nearest", before_training: bool = True,
-                 max_pairs: Optional[int] = None, log_images: bool = True) -> None:
+                 max_pairs: Optional[int] = None, log_images: bool = True, jacobian: bool = True,
+                 hd95: bool = False) -> None:
         if label_mode not in LABEL_MODES:
             raise InputError(f"Unknown label_mode '{label_mode}'. Valid: {', '.join(LABEL_MODES)}.")
         self.every_n_epochs, self.label_mode = int(every_n_epochs), label_mode
         self.before_training, self.max_pairs, self.log_images = before_training, max_pairs, log_images
+        self.jacobian, self.hd95 = bool(jacobian), bool(hd95)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.logger is not None:
@@ -107,9 +105,10 @@ class Validation(Callback):
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, identity: bool = False) -> Dict[str, float]:
         model, loader, labels = trainer.model, trainer.data.val_dataloader(), trainer.data.eval_labels
+        groups = getattr(trainer.data, "label_groups", None)
         was_training = model.training
         model.eval()
-        dices, terms, picture = [], {}, None
+        scores, terms, picture = {}, {}, None
         try:
             for k, batch in enumerate(loader):
                 if self.max_pairs is not None and k >= self.max_pairs:
@@ -126,16 +125,24 @@ class Validation(Callback):
                     for name, v in losses.terms.items():
                         terms.setdefault(name, []).append(float(v))
                     terms.setdefault("total", []).append(float(losses.total))
-                if labels and "moving_label" in batch:
-                    wl = warp_labels(batch["moving_label"], flow, labels, self.label_mode)
-                    dices.append(torch.nanmean(dice(wl, batch["fixed_label"], labels), dim=1).cpu())
+                has_labels = bool(labels) and "moving_label" in batch
+                if has_labels or (self.jacobian and not identity):
+                    spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
+                    m = pair_metrics(flow, batch.get("moving_label") if has_labels else None, batch.get("fixed_label"),
+                                     labels, spacing, self.label_mode, self.hd95 and not identity, groups)
+                    keys = {"dice_mean": "val/dice", "dice_groups_mean": "val/dice_groups", "hd95_mean": "val/hd95"}
+                    if self.jacobian and not identity:
+                        keys.update({"nonpos_jac_pct": "val/nonpos_jac_pct", "sdlogj": "val/sdlogj"})
+                    for key, tag in keys.items():
+                        if key in m:
+                            scores.setdefault(tag, []).append(m[key])
                 if picture is None and self.log_images and not identity:
                     picture = slice_panel(batch["moving"], batch["fixed"], warped, flow)
         finally:
             model.train(was_training)
         metrics = {f"val/loss/{k}": float(np.mean(v)) for k, v in terms.items()}
-        if dices:
-            metrics["val/dice"] = float(torch.cat(dices).nanmean())
+        for tag, values in scores.items():
+            metrics[tag] = float(torch.cat(values).nanmean())
         if picture is not None and trainer.logger is not None:
             trainer.logger.log_image("val/slices", picture, trainer.epoch)
         return metrics

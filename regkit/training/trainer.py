@@ -200,6 +200,8 @@ class Trainer:
             "global_step": self.global_step,
             "metrics": dict(self.metrics),
             "config": self.run_config,
+            # how the data was prepared (normalisation, size), for inference on new scans
+            "data": to_plain(self.data.spec()) if hasattr(self.data, "spec") else None,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             "rng": torch.get_rng_state(),
         }
