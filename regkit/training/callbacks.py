@@ -9,14 +9,16 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from regkit import distributed
 from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
 from regkit.metrics import dice
 from regkit.spatial import warp
 from regkit.training.checkpoint import save_checkpoint
-from regkit.training.trainer import Callback, Trainer, move_to
+from regkit.training.trainer import Callback, Trainer
 
 log = logging.getLogger("regkit")
 
@@ -71,6 +73,10 @@ class Validation(Callback):
     ``time/validation`` and a picture ``val/slices``. Before the first epoch it logs the
     unregistered Dice (identity transform) as ``val/dice`` at epoch 0 and ``val/dice_before``.
 
+    Under torchrun the pairs are split over the ranks (pair k on rank k mod W) and the per-pair
+    values gathered in pair order, so every rank gets the single-process metrics (and can agree
+    on what to do with them) while each evaluates 1/W of the pairs.
+
     Args:
         label_mode: ``nearest`` (default) or ``linear`` (one-hot) label warping; published Dice
             moves by ~0.005-0.01 between the two, so the choice is logged with the run.
@@ -104,38 +110,50 @@ class Validation(Callback):
         metrics["time/validation"] = time.perf_counter() - start
         trainer.log(metrics)
 
+    def _my_pairs(self, loader: DataLoader):
+        """This rank's pair indices and a batch-1 loader over them."""
+        n = len(loader.dataset) if self.max_pairs is None else min(len(loader.dataset), self.max_pairs)
+        mine = list(range(n))[distributed.rank()::distributed.world_size()]
+        return mine, DataLoader(Subset(loader.dataset, mine), batch_size=1, num_workers=loader.num_workers,
+                                collate_fn=loader.collate_fn)
+
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, identity: bool = False) -> Dict[str, float]:
-        model, loader, labels = trainer.model, trainer.data.val_dataloader(), trainer.data.eval_labels
+        model, labels = trainer.model, trainer.data.eval_labels
+        indices, loader = self._my_pairs(trainer.data.val_dataloader())
         was_training = model.training
         model.eval()
-        dices, terms, picture = [], {}, None
+        dices, terms, picture = {}, {}, None  # per pair index
         try:
-            for k, batch in enumerate(loader):
-                if self.max_pairs is not None and k >= self.max_pairs:
-                    break
-                batch = move_to(batch, trainer.device)
+            for k, batch in zip(indices, loader):
+                batch = trainer.to_device(batch)
                 if identity:
                     flow = torch.zeros(batch["moving"].shape[0], batch["moving"].dim() - 2,
                                        *batch["moving"].shape[2:], device=trainer.device)
                     warped = batch["moving"]
                 else:
-                    out = model(batch["moving"], batch["fixed"])
+                    with trainer.autocast():
+                        out = model(batch["moving"], batch["fixed"])
                     flow, warped = out.flow, out.warped
                     losses = trainer.loss_fn(out, batch)
-                    for name, v in losses.terms.items():
-                        terms.setdefault(name, []).append(float(v))
-                    terms.setdefault("total", []).append(float(losses.total))
+                    terms[k] = {name: float(v) for name, v in losses.terms.items()}
+                    terms[k]["total"] = float(losses.total)
                 if labels and "moving_label" in batch:
                     wl = warp_labels(batch["moving_label"], flow, labels, self.label_mode)
-                    dices.append(torch.nanmean(dice(wl, batch["fixed_label"], labels), dim=1).cpu())
-                if picture is None and self.log_images and not identity:
+                    dices[k] = torch.nanmean(dice(wl, batch["fixed_label"], labels), dim=1).cpu()
+                if k == 0 and self.log_images and not identity:
                     picture = slice_panel(batch["moving"], batch["fixed"], warped, flow)
         finally:
             model.train(was_training)
-        metrics = {f"val/loss/{k}": float(np.mean(v)) for k, v in terms.items()}
+        # Gather every rank's pairs and combine them in pair order: the same numbers as one process.
+        for part_dices, part_terms in distributed.all_gather_objects((dices, terms)):
+            dices.update(part_dices)
+            terms.update(part_terms)
+        metrics = {}
+        for name in (next(iter(terms.values())) if terms else {}):
+            metrics[f"val/loss/{name}"] = float(np.mean([terms[k][name] for k in sorted(terms)]))
         if dices:
-            metrics["val/dice"] = float(torch.cat(dices).nanmean())
+            metrics["val/dice"] = float(torch.cat([dices[k] for k in sorted(dices)]).nanmean())
         if picture is not None and trainer.logger is not None:
             trainer.logger.log_image("val/slices", picture, trainer.epoch)
         return metrics
@@ -143,9 +161,11 @@ class Validation(Callback):
 
 class Checkpoint(Callback):
     """Writes ``last.ckpt`` every epoch and ``best.ckpt`` when ``monitor`` improves; on Ctrl-C
-    writes ``interrupted.ckpt``. Every file is written to a temporary file and renamed."""
+    writes ``interrupted.ckpt``. Every file is written to a temporary file and renamed. Under
+    torchrun only rank 0 writes (the ranks hold the same weights; DDP keeps them equal)."""
 
     order = 20
+    rank_zero_only = True
 
     def __init__(self, dirpath: str, monitor: Optional[str] = "val/dice", mode: str = "max",
                  save_last: bool = True, every_n_epochs: int = 1) -> None:
@@ -196,9 +216,11 @@ class Checkpoint(Callback):
 
 class EpochTimingLogger(Callback):
     """Logs the epoch's wall time and its breakdown (``time/data``, ``time/forward``,
-    ``time/loss``, ``time/backward``, ``time/step``, shares, samples/s, peak memory)."""
+    ``time/loss``, ``time/backward``, ``time/step``, shares, samples/s, peak memory); under
+    torchrun, rank 0's (``throughput/samples_per_s`` is then per process)."""
 
     order = 10
+    rank_zero_only = True
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         if trainer.last_timing is not None:
@@ -207,7 +229,8 @@ class EpochTimingLogger(Callback):
 
 class LossLogger(Callback):
     """Logs ``train/loss/<term>`` and ``train/loss/total`` every ``trainer.log_every_n_steps``
-    steps, the learning rate, and per-epoch means as ``train/epoch_loss/<term>``."""
+    steps, the learning rate, and per-epoch means as ``train/epoch_loss/<term>``. Under torchrun
+    the logged values are averaged over the ranks, i.e. they are the global batch's loss."""
 
     order = 10
 
@@ -225,19 +248,22 @@ class LossLogger(Callback):
             self._sums[k] = self._sums.get(k, 0.0) + v
         self._n += 1
         if trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step == 1:
+            values = distributed.mean_over_ranks(values, trainer.device)
             scalars = {f"train/loss/{k}": v for k, v in values.items()}
             scalars["train/lr"] = trainer.optimizer.param_groups[0]["lr"]
             trainer.log(scalars, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         if self._n:
-            trainer.log({f"train/epoch_loss/{k}": v / self._n for k, v in self._sums.items()})
+            means = {k: v / self._n for k, v in self._sums.items()}
+            trainer.log({f"train/epoch_loss/{k}": v for k, v in distributed.mean_over_ranks(means, trainer.device).items()})
 
 
 class ProgressBar(Callback):
-    """tqdm bars over the steps of each epoch, and a one-line summary per epoch."""
+    """tqdm bars over the steps of each epoch, and a one-line summary per epoch (rank 0 only)."""
 
     order = 30
+    rank_zero_only = True
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
