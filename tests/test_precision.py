@@ -161,3 +161,17 @@ def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path, data_dir)
     trainer.callbacks = []
     trainer.restore(str(out / "checkpoints" / "last.ckpt"))
     assert trainer.scaler.state_dict() == saved
+
+
+def test_a_failing_compile_is_reported_as_such(tmp_path, data_dir, monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise TorchDynamoException("inductor: no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda module: Broken())
+    parts = build(compose(STEPS + ["trainer.compile=true"], output_dir=tmp_path, data_dir=data_dir))
+    with pytest.raises(RuntimeError, match=r"^trainer.compile=true: torch.compile failed on cpu \(inductor: no C\+\+ "
+                                           r"compiler found\); train without it: trainer.compile=false$"):
+        parts["trainer"].fit(parts["model"], parts["loss"], parts["optimizer"], parts["data"])

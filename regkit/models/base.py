@@ -141,7 +141,8 @@ class RegistrationModel(nn.Module):
         field = crop_to(self.predict_field(x), sizes)
         if field.dtype in (torch.float16, torch.bfloat16):
             # Under autocast the network body runs in half precision, but the field must not:
-            # bfloat16 resolves voxel positions to ~0.5 voxel at 128. Integration and warping are float32.
+            # bfloat16 rounds positions between voxel 128 and 256 to whole voxels. Integration
+            # and warping are float32.
             field = field.float()
         if self.diffeomorphic:
             flow = integrate_velocity(field, self.int_steps, self.int_downsize)
