@@ -21,7 +21,7 @@ import datetime
 import logging
 import os
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
