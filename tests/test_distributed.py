@@ -153,7 +153,7 @@ def test_torchrun_resumes_in_one_folder_written_by_rank_zero(tmp_path, data_dir)
 
     common = TINY_DATA + ["dataset.n_train=4", "dataset.n_val=3", "trainer.log_every_n_steps=1"]
     first = tmp_path / "first"
-    train(compose(common + ["trainer.max_epochs=1"], output_dir=first, data_dir=data_dir))  # 2 steps of batch 2
+    train(compose(common + ["dataset.batch_size=2", "trainer.max_epochs=1"], output_dir=first, data_dir=data_dir))  # 2 steps
 
     # A run folder that differs per rank unless the ranks agree on rank 0's: Hydra creates it
     # on every rank, so a folder rank1/ would prove a rank wrote elsewhere.

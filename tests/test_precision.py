@@ -9,8 +9,9 @@ from regkit.losses.registry import LOSSES
 from regkit.training import Callback, load_checkpoint
 from tests.conftest import TINY_DATA, compose
 
-# A few steps of real training from the same initial weights; no validation or files.
-STEPS = TINY_DATA + ["trainer.max_epochs=2", "~logger", "callbacks.checkpoint=null", "callbacks.validation=null"]
+# 2 steps of real training (3 pairs, batch 2, 2 epochs) from the same initial weights; no validation or files.
+STEPS = TINY_DATA + ["dataset.batch_size=2", "trainer.max_epochs=2", "~logger", "callbacks.checkpoint=null",
+                     "callbacks.validation=null"]
 # Stated tolerances (docs/scaling.md), with what was measured on this CPU in brackets:
 # per-step training loss (LNCC + grad, about -0.8), absolute, vs fp32 [bf16 3e-6, fp16 6e-8,
 # channels_last 1e-7, compile 0] -- near the identity start the loss hardly depends on the
@@ -149,7 +150,8 @@ def test_model_field_and_warping_are_float32_under_autocast():
 
 def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path, data_dir):
     out = tmp_path / "run"
-    overrides = TINY_DATA + ["dataset.shape=[16,16,16]", "trainer.max_epochs=1", "~logger", "trainer.precision=fp16"]
+    overrides = TINY_DATA + ["dataset.shape=[16,16,16]", "dataset.batch_size=2", "trainer.max_epochs=1", "~logger",
+                             "trainer.precision=fp16"]
     parts = build(compose(overrides, output_dir=out, data_dir=data_dir))
     parts["trainer"].fit(parts["model"], parts["loss"], parts["optimizer"], parts["data"])
     saved = load_checkpoint(out / "checkpoints" / "last.ckpt")["scaler"]
