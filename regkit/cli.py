@@ -18,9 +18,13 @@ def exit_on_user_error(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except RegkitError as exc:
-            log.error("error: %s", exc)
-            print(f"regkit: error: {exc}", file=sys.stderr)
+        except Exception as exc:
+            # Hydra wraps what a constructor raises while instantiating a config node.
+            cause = exc.__cause__ if type(exc).__name__ == "InstantiationException" else exc
+            if not isinstance(cause, RegkitError):
+                raise
+            log.error("error: %s", cause)
+            print(f"regkit: error: {cause}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

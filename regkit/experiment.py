@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from regkit import distributed
 from regkit.training.checkpoint import to_plain
 
 log = logging.getLogger("regkit")
@@ -37,7 +38,8 @@ def build(cfg: DictConfig) -> Dict[str, Any]:
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.get("scheduler") else None
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    # Under torchrun only rank 0 writes logs (a TensorBoard writer creates its files when built).
+    logger = instantiate(cfg.logger) if cfg.get("logger") and distributed.is_rank_zero() else None
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     # Passed after instantiation: Hydra would try to instantiate the _target_ nodes inside it.
     trainer.run_config = to_plain(cfg)
@@ -50,12 +52,14 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     parts = build(cfg)
     trainer = parts["trainer"]
     model = parts["model"]
-    log.info("model %s: %s parameters | loss: %s | device: %s | output: %s",
-             cfg.model._target_.rsplit(".", 1)[-1], f"{model.num_parameters():,}", parts["loss"].extra_repr(),
-             trainer.device, trainer.output_dir)
+    if distributed.is_rank_zero():
+        log.info("model %s: %s parameters | loss: %s | device: %s | output: %s",
+                 cfg.model._target_.rsplit(".", 1)[-1], f"{model.num_parameters():,}", parts["loss"].extra_repr(),
+                 trainer.device, trainer.output_dir)
     metrics = trainer.fit(model, parts["loss"], parts["optimizer"], parts["data"],
                           ckpt_path=cfg.get("ckpt_path"), scheduler=parts["scheduler"])
-    report(trainer)
+    if distributed.is_rank_zero():
+        report(trainer)
     return metrics
 
 

@@ -50,11 +50,16 @@ _GRID_CACHE: Dict[Tuple, Tensor] = {}
 
 def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> Tensor:
     """Voxel coordinates ``(1, ndim, *shape)``: channel k holds the index along axis k."""
+    # Under torch.compile the grid is built inside the graph: a lookup in the cache would be a
+    # guard, and every new entry would recompile the model.
+    compiling = torch.compiler.is_compiling()
     key = (tuple(shape), torch.device(device) if device is not None else torch.device("cpu"), dtype)
-    grid = _GRID_CACHE.get(key)
+    grid = None if compiling else _GRID_CACHE.get(key)
     if grid is None:
         vectors = [torch.arange(s, device=device, dtype=dtype) for s in shape]
         grid = torch.stack(torch.meshgrid(*vectors, indexing="ij")).unsqueeze(0)
+        if compiling:
+            return grid
         if len(_GRID_CACHE) > 32:  # bounded: a few shapes per run in practice
             _GRID_CACHE.clear()
         _GRID_CACHE[key] = grid
@@ -83,7 +88,8 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
             ``"nearest"`` for label maps (exact for zero and integer displacements).
         padding_mode: value outside the image: ``"zeros"``, ``"border"`` or ``"reflection"``.
     Returns:
-        ``(B, C, *spatial)`` in the dtype of ``image``.
+        ``(B, C, *spatial)`` in the dtype of ``image``. Half-precision fields are sampled in
+        float32, also under autocast: sampling positions need the precision.
     """
     if mode not in _MODES:
         raise InputError(f"Unknown warp mode '{mode}'. Valid modes: {', '.join(_MODES)}.")
@@ -93,11 +99,12 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
     if flow.shape[0] != image.shape[0]:
         flow = flow.expand(image.shape[0], *flow.shape[1:])
     out_dtype = image.dtype
-    src = image if image.is_floating_point() else image.to(flow.dtype)
-    if src.dtype != flow.dtype:
-        src = src.to(flow.dtype)
-    out = F.grid_sample(src, _sampling_grid(flow), mode=_MODES[mode], padding_mode=padding_mode,
-                        align_corners=True)
+    if flow.dtype in (torch.float16, torch.bfloat16):
+        flow = flow.float()
+    src = image if image.dtype == flow.dtype else image.to(flow.dtype)
+    with torch.autocast(flow.device.type, enabled=False):
+        out = F.grid_sample(src, _sampling_grid(flow), mode=_MODES[mode], padding_mode=padding_mode,
+                            align_corners=True)
     if not out_dtype.is_floating_point:
         out = out.round().to(out_dtype)
     elif out.dtype != out_dtype:

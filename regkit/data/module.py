@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from regkit.data.io import load_volume
 from regkit.data.pairs import NORMALIZATIONS, EpochSampler, Pair, PairDataset, read_pairs_csv
+from regkit.distributed import train_sampler
 from regkit.errors import InputError, MissingFileError
 from regkit.metrics import resolve_groups, resolve_labels
 
@@ -167,10 +168,12 @@ class PairData:
 
     # -- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
+        """Shuffled with ``seed + epoch``. Under torchrun each rank gets its shard of the same
+        permutation (:func:`regkit.distributed.train_sampler`) and ``batch_size`` is per process."""
         ds = self.setup().datasets["train"]
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(len(ds), True, self.seed),
-                          num_workers=self.num_workers, drop_last=len(ds) >= self.batch_size,
-                          persistent_workers=self.num_workers > 0)
+        sampler = train_sampler(len(ds), self.seed) or EpochSampler(len(ds), True, self.seed)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=len(sampler) >= self.batch_size, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, split: str) -> Optional[DataLoader]:
         ds = self.setup().datasets.get(split)

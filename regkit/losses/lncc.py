@@ -24,6 +24,7 @@ They differ only in how the five window sums are obtained:
                 float32 cancellation cannot make a variance negative or ``cc`` leave [0, 1).
 
 Channels are treated independently; inputs are ``(B, C, *spatial)`` with 2 or 3 spatial dims.
+All three compute in float32 (or float64) whatever the input dtype or autocast state.
 """
 from __future__ import annotations
 
@@ -101,7 +102,12 @@ class _LNCCBase(nn.Module):
         b, c = warped.shape[:2]
         i = warped.reshape(b * c, 1, *warped.shape[2:])
         j = fixed.reshape(b * c, 1, *fixed.shape[2:])
-        return self.compute(i, j, ndim)
+        # Window sums of squares need float32's range and precision: half inputs are upcast, and
+        # autocast (which would run the box convolutions in half precision) is off in here.
+        if i.dtype in (torch.float16, torch.bfloat16) or j.dtype in (torch.float16, torch.bfloat16):
+            i, j = i.float(), j.float()
+        with torch.autocast(i.device.type, enabled=False):
+            return self.compute(i, j, ndim)
 
     def compute(self, i: Tensor, j: Tensor, ndim: int) -> Tensor:
         raise NotImplementedError
@@ -269,13 +275,11 @@ class _FastLNCCFunction(torch.autograd.Function):
 class LNCCFast(_LNCCBase):
     """LNCC by running-sum box filters with an analytic backward (regkit's fast exact method).
 
-    Half-precision inputs are computed in float32 (the window sums need the range and
-    precision), and the result is returned in float32.
+    Like every form here, half-precision inputs are computed in float32 and the result is
+    float32.
     """
 
     def compute(self, i: Tensor, j: Tensor, ndim: int) -> Tensor:
-        if i.dtype in (torch.float16, torch.bfloat16):
-            i, j = i.float(), j.float()
         return _FastLNCCFunction.apply(i, j, self.window, self.eps)
 
 

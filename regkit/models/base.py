@@ -139,6 +139,11 @@ class RegistrationModel(nn.Module):
         self.check_inputs(moving, fixed)
         x, sizes = pad_to_multiple(torch.cat([moving, fixed], dim=1), self.size_multiple)
         field = crop_to(self.predict_field(x), sizes)
+        if field.dtype in (torch.float16, torch.bfloat16):
+            # Under autocast the network body runs in half precision, but the field must not:
+            # bfloat16 rounds positions between voxel 128 and 256 to whole voxels. Integration
+            # and warping are float32.
+            field = field.float()
         if self.diffeomorphic:
             flow = integrate_velocity(field, self.int_steps, self.int_downsize)
             velocity = field

@@ -9,14 +9,16 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from regkit import distributed
 from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
 from regkit.evaluation import LABEL_MODES, pair_metrics, warp_labels  # noqa: F401 (warp_labels re-exported)
 from regkit.spatial import warp
 from regkit.training.checkpoint import save_checkpoint
-from regkit.training.trainer import Callback, Trainer, move_to
+from regkit.training.trainer import Callback, Trainer
 
 log = logging.getLogger("regkit")
 
@@ -63,6 +65,10 @@ class Validation(Callback):
     ``val/slices``. Before the first epoch it logs the unregistered Dice (identity transform) as
     ``val/dice`` at epoch 0 and ``val/dice_before``. Conventions: ``docs/evaluation.md``.
 
+    Under torchrun the pairs are split over the ranks (pair k on rank k mod W) and the per-pair
+    values gathered in pair order, so every rank gets the single-process metrics (and can agree
+    on what to do with them) while each evaluates 1/W of the pairs.
+
     Args:
         label_mode: ``nearest`` (default) or ``linear`` (one-hot) label warping; published Dice
             moves by ~0.005-0.01 between the two, so the choice is logged with the run
@@ -102,29 +108,35 @@ class Validation(Callback):
         metrics["time/validation"] = time.perf_counter() - start
         trainer.log(metrics)
 
+    def _my_pairs(self, loader: DataLoader):
+        """This rank's pair indices and a batch-1 loader over them."""
+        n = len(loader.dataset) if self.max_pairs is None else min(len(loader.dataset), self.max_pairs)
+        mine = list(range(n))[distributed.rank()::distributed.world_size()]
+        return mine, DataLoader(Subset(loader.dataset, mine), batch_size=1, num_workers=loader.num_workers,
+                                collate_fn=loader.collate_fn)
+
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, identity: bool = False) -> Dict[str, float]:
-        model, loader, labels = trainer.model, trainer.data.val_dataloader(), trainer.data.eval_labels
+        model, labels = trainer.model, trainer.data.eval_labels
         groups = getattr(trainer.data, "label_groups", None)
+        indices, loader = self._my_pairs(trainer.data.val_dataloader())
         was_training = model.training
         model.eval()
-        scores, terms, picture = {}, {}, None
+        scores, terms, picture = {}, {}, None  # per pair index
         try:
-            for k, batch in enumerate(loader):
-                if self.max_pairs is not None and k >= self.max_pairs:
-                    break
-                batch = move_to(batch, trainer.device)
+            for k, batch in zip(indices, loader):
+                batch = trainer.to_device(batch)
                 if identity:
                     flow = torch.zeros(batch["moving"].shape[0], batch["moving"].dim() - 2,
                                        *batch["moving"].shape[2:], device=trainer.device)
                     warped = batch["moving"]
                 else:
-                    out = model(batch["moving"], batch["fixed"])
+                    with trainer.autocast():
+                        out = model(batch["moving"], batch["fixed"])
                     flow, warped = out.flow, out.warped
                     losses = trainer.loss_fn(out, batch)
-                    for name, v in losses.terms.items():
-                        terms.setdefault(name, []).append(float(v))
-                    terms.setdefault("total", []).append(float(losses.total))
+                    terms[k] = {name: float(v) for name, v in losses.terms.items()}
+                    terms[k]["total"] = float(losses.total)
                 has_labels = bool(labels) and "moving_label" in batch
                 if has_labels or (self.jacobian and not identity):
                     spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
@@ -133,16 +145,22 @@ class Validation(Callback):
                     keys = {"dice_mean": "val/dice", "dice_groups_mean": "val/dice_groups", "hd95_mean": "val/hd95"}
                     if self.jacobian and not identity:
                         keys.update({"nonpos_jac_pct": "val/nonpos_jac_pct", "sdlogj": "val/sdlogj"})
-                    for key, tag in keys.items():
-                        if key in m:
-                            scores.setdefault(tag, []).append(m[key])
-                if picture is None and self.log_images and not identity:
+                    scores[k] = {tag: torch.as_tensor(m[key]).detach().cpu().reshape(-1)
+                                 for key, tag in keys.items() if key in m}
+                if k == 0 and self.log_images and not identity:
                     picture = slice_panel(batch["moving"], batch["fixed"], warped, flow)
         finally:
             model.train(was_training)
-        metrics = {f"val/loss/{k}": float(np.mean(v)) for k, v in terms.items()}
-        for tag, values in scores.items():
-            metrics[tag] = float(torch.cat(values).nanmean())
+        # Gather every rank's pairs and combine them in pair order: the same numbers as one process.
+        for part_scores, part_terms in distributed.all_gather_objects((scores, terms)):
+            scores.update(part_scores)
+            terms.update(part_terms)
+        metrics = {}
+        for name in (next(iter(terms.values())) if terms else {}):
+            metrics[f"val/loss/{name}"] = float(np.mean([terms[k][name] for k in sorted(terms)]))
+        for tag in sorted({t for per_pair in scores.values() for t in per_pair}):
+            values = [scores[k][tag] for k in sorted(scores) if tag in scores[k]]
+            metrics[tag] = float(torch.cat(values).double().nanmean())
         if picture is not None and trainer.logger is not None:
             trainer.logger.log_image("val/slices", picture, trainer.epoch)
         return metrics
@@ -150,9 +168,11 @@ class Validation(Callback):
 
 class Checkpoint(Callback):
     """Writes ``last.ckpt`` every epoch and ``best.ckpt`` when ``monitor`` improves; on Ctrl-C
-    writes ``interrupted.ckpt``. Every file is written to a temporary file and renamed."""
+    writes ``interrupted.ckpt``. Every file is written to a temporary file and renamed. Under
+    torchrun only rank 0 writes (the ranks hold the same weights; DDP keeps them equal)."""
 
     order = 20
+    rank_zero_only = True
 
     def __init__(self, dirpath: str, monitor: Optional[str] = "val/dice", mode: str = "max",
                  save_last: bool = True, every_n_epochs: int = 1) -> None:
@@ -203,9 +223,11 @@ class Checkpoint(Callback):
 
 class EpochTimingLogger(Callback):
     """Logs the epoch's wall time and its breakdown (``time/data``, ``time/forward``,
-    ``time/loss``, ``time/backward``, ``time/step``, shares, samples/s, peak memory)."""
+    ``time/loss``, ``time/backward``, ``time/step``, shares, samples/s, peak memory); under
+    torchrun, rank 0's (``throughput/samples_per_s`` is then per process)."""
 
     order = 10
+    rank_zero_only = True
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         if trainer.last_timing is not None:
@@ -214,7 +236,8 @@ class EpochTimingLogger(Callback):
 
 class LossLogger(Callback):
     """Logs ``train/loss/<term>`` and ``train/loss/total`` every ``trainer.log_every_n_steps``
-    steps, the learning rate, and per-epoch means as ``train/epoch_loss/<term>``."""
+    steps, the learning rate, and per-epoch means as ``train/epoch_loss/<term>``. Under torchrun
+    the logged values are averaged over the ranks, i.e. they are the global batch's loss."""
 
     order = 10
 
@@ -232,19 +255,22 @@ class LossLogger(Callback):
             self._sums[k] = self._sums.get(k, 0.0) + v
         self._n += 1
         if trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step == 1:
+            values = distributed.mean_over_ranks(values, trainer.device)
             scalars = {f"train/loss/{k}": v for k, v in values.items()}
             scalars["train/lr"] = trainer.optimizer.param_groups[0]["lr"]
             trainer.log(scalars, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         if self._n:
-            trainer.log({f"train/epoch_loss/{k}": v / self._n for k, v in self._sums.items()})
+            means = {k: v / self._n for k, v in self._sums.items()}
+            trainer.log({f"train/epoch_loss/{k}": v for k, v in distributed.mean_over_ranks(means, trainer.device).items()})
 
 
 class ProgressBar(Callback):
-    """tqdm bars over the steps of each epoch, and a one-line summary per epoch."""
+    """tqdm bars over the steps of each epoch, and a one-line summary per epoch (rank 0 only)."""
 
     order = 30
+    rank_zero_only = True
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled

@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
+from regkit import distributed
 from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
 from regkit.training.checkpoint import load_checkpoint, model_spec, to_plain
@@ -19,16 +20,52 @@ from regkit.training.timing import EpochTiming, PhaseTimer
 log = logging.getLogger(__name__)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA if available, else CPU. Under torchrun a CUDA device is ``cuda:LOCAL_RANK``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise InputError(f"Unknown device '{device}'. Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device '{device}' requested but CUDA is not available (torch {torch.__version__})")
+    if dev.type == "cuda" and distributed.launched_by_torchrun():
+        if dev.index is not None:
+            raise InputError(f"device '{device}': under torchrun each process uses cuda:LOCAL_RANK; set "
+                             f"trainer.device=cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        local = distributed.env_local_rank()
+        if local >= torch.cuda.device_count():
+            raise InputError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                             f"lower --nproc_per_node")
+        dev = torch.device("cuda", local)
     return dev
+
+
+def check_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``trainer.precision`` (``None`` for fp32), or a clear error."""
+    if precision not in PRECISIONS:
+        raise InputError(f"Unknown trainer.precision '{precision}'. Valid: {', '.join(PRECISIONS)}.")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return None
+    if not torch.amp.is_autocast_available(device.type):
+        raise InputError(f"trainer.precision={precision}: torch {torch.__version__} has no autocast on {device.type}")
+    if dtype == torch.float16 and device.type == "cpu":
+        log.warning("trainer.precision=fp16 on the CPU is correct but slow (no fast float16 CPU convolutions; "
+                    "see docs/scaling.md); bf16 is the CPU's reduced precision")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise InputError(f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 "
+                         f"(Ampere or newer); use fp16")
+    return dtype
+
+
+def memory_format(ndim: int) -> torch.memory_format:
+    """channels-last layout for 2-D (NHWC) or 3-D (NDHWC) images."""
+    return torch.channels_last_3d if ndim == 3 else torch.channels_last
 
 
 def move_to(batch: Mapping[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -36,9 +73,12 @@ def move_to(batch: Mapping[str, Any], device: torch.device) -> Dict[str, Any]:
 
 
 class Callback:
-    """Hooks called by :class:`Trainer`; lower ``order`` runs first at each hook."""
+    """Hooks called by :class:`Trainer`; lower ``order`` runs first at each hook. Under torchrun
+    a callback with ``rank_zero_only = True`` runs on rank 0 only (files, progress bars); the
+    others run on every rank and must then call the same collectives in the same order."""
 
     order: int = 50
+    rank_zero_only: bool = False
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
     def on_train_epoch_start(self, trainer: "Trainer") -> None: ...
@@ -68,6 +108,15 @@ class Trainer:
         limit_train_batches: use at most this many batches per epoch (quick runs, tests).
         output_dir: where the run writes (callbacks place files relative to their own paths).
         run_config: the run's full configuration, stored in checkpoints.
+        precision: ``fp32``, ``bf16`` or ``fp16``: the model's forward runs under
+            ``torch.autocast`` with that dtype; its output field, the warping and the loss stay
+            float32; ``fp16`` scales the loss (``torch.amp.GradScaler``).
+        compile: run training steps through ``torch.compile``.
+        channels_last: keep conv weights and input images channels-last (NDHWC).
+        dist_backend: ``auto`` (``nccl`` on CUDA, ``gloo`` on the CPU), ``gloo`` or ``nccl``:
+            used when launched by torchrun with more than one process (then the model is
+            wrapped in ``DistributedDataParallel``; see :mod:`regkit.distributed`).
+        dist_timeout_min: how long a collective waits for the other ranks.
 
     After :meth:`fit`, ``metrics`` holds the latest scalars (e.g. ``val/dice``) and
     ``history`` one dict per epoch.
@@ -76,13 +125,21 @@ class Trainer:
     def __init__(self, max_epochs: int = 10, device: str = "auto", callbacks: Any = None,
                  logger: Optional[Logger] = None, log_every_n_steps: int = 10,
                  grad_clip_norm: Optional[float] = None, sync_timing: bool = True, warmup_steps: int = 2,
-                 limit_train_batches: Optional[int] = None, output_dir: str = ".", run_config: Any = None) -> None:
+                 limit_train_batches: Optional[int] = None, output_dir: str = ".", run_config: Any = None,
+                 precision: str = "fp32", compile: bool = False, channels_last: bool = False,
+                 dist_backend: str = "auto", dist_timeout_min: float = 30.0) -> None:
         if max_epochs < 1:
             raise InputError(f"max_epochs must be >= 1, got {max_epochs}")
         if log_every_n_steps < 1:
             raise InputError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.max_epochs = int(max_epochs)
         self.device = resolve_device(device)
+        self.precision, self.autocast_dtype = precision, check_precision(precision, self.device)
+        self.compile, self.channels_last = bool(compile), bool(channels_last)
+        self.dist_backend = dist_backend
+        distributed.resolve_backend(dist_backend, self.device)  # fail before any work
+        self.dist_timeout_min = float(dist_timeout_min)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         if isinstance(callbacks, Mapping):
             callbacks = [c for c in callbacks.values() if c is not None]
         self.callbacks: List[Callback] = sorted(callbacks or [], key=lambda c: c.order)
@@ -99,22 +156,38 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
         self.last_timing: Optional[EpochTiming] = None
         self.should_stop = False
+        self.train_module: Optional[nn.Module] = None  # set by fit: the model, wrapped as configured
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
             ckpt_path: Optional[str] = None, scheduler: Any = None) -> Dict[str, float]:
+        """Train up to ``max_epochs``; under torchrun, on every rank (DDP)."""
         self.model, self.loss_fn, self.optimizer, self.scheduler, self.data = model, loss_fn, optimizer, scheduler, data
-        data.setup()
-        model.to(self.device)
-        loss_fn.to(self.device)
-        if ckpt_path:
-            self.restore(ckpt_path)
-        self.timer = PhaseTimer(self.device, self.sync_timing, self.warmup_steps)
+        owns_group = distributed.setup(self.device, self.dist_backend, self.dist_timeout_min)
+        try:
+            with distributed.rank_zero_first():  # rank 0 generates data, if any, before the others look
+                data.setup()
+            model.to(self.device)
+            if self.channels_last:
+                model.to(memory_format=memory_format(getattr(model, "ndim", 3)))
+            loss_fn.to(self.device)
+            if ckpt_path:
+                self.restore(ckpt_path)  # every rank reads the same file, so they start equal
+            self.train_module = self._wrap(model)
+            self.timer = PhaseTimer(self.device, self.sync_timing, self.warmup_steps)
+            self._fit_loop()
+            distributed.barrier()  # returning on any rank means rank 0's files are written
+        finally:
+            distributed.cleanup(owns_group)
+        return self.metrics
+
+    def _fit_loop(self) -> None:
         try:
             self._call("on_fit_start")
             while self.epoch < self.max_epochs and not self.should_stop:
                 self.train_epoch()
                 self._call("on_train_epoch_end")
+                self.should_stop = distributed.any_rank(self.should_stop, self.device)
                 self.history.append({"epoch": self.epoch, **self.metrics})
             self._call("on_fit_end")
         except BaseException as exc:
@@ -123,7 +196,47 @@ class Trainer:
         finally:
             if self.logger is not None:
                 self.logger.close()
-        return self.metrics
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """What the training step calls: the model, in DDP under torchrun, compiled on request.
+        Callbacks and checkpoints use the plain ``self.model`` (same parameters)."""
+        module = model
+        if distributed.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            # RegistrationOutput (a dataclass) passes through DDP untouched: gradients are
+            # reduced by parameter hooks, which need no output traversal while every
+            # parameter is used (find_unused_parameters=False).
+            module = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.compile:
+            module = torch.compile(module)
+        return module
+
+    def autocast(self):
+        """The context the model's forward runs in (a no-op for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def to_device(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
+        batch = move_to(batch, self.device)
+        if self.channels_last:
+            for key in ("moving", "fixed"):
+                x = batch[key]
+                batch[key] = x.contiguous(memory_format=memory_format(x.dim() - 2))
+        return batch
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor):
+        """One training forward, under autocast; a failing ``torch.compile`` is reported as such."""
+        try:
+            with self.autocast():
+                return self.train_module(moving, fixed)
+        except Exception as exc:
+            from torch._dynamo.exc import TorchDynamoException
+
+            if self.compile and isinstance(exc, TorchDynamoException):
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise RuntimeError(f"trainer.compile=true: torch.compile failed on {self.device} ({first}); "
+                                   f"train without it: trainer.compile=false") from exc
+            raise
 
     def train_epoch(self) -> None:
         self.model.train()
@@ -131,19 +244,21 @@ class Trainer:
         self._call("on_train_epoch_start")
         self.timer.start_epoch()
         for batch in self.timer.iterate(loader):
-            batch = move_to(batch, self.device)
+            batch = self.to_device(batch)
             with self.timer.phase("forward"):
-                output = self.model(batch["moving"], batch["fixed"])
+                output = self.forward(batch["moving"], batch["fixed"])
             with self.timer.phase("loss"):
-                losses = self.loss_fn(output, batch)
+                losses = self.loss_fn(output, batch)  # float32, outside autocast
             self._check_finite(losses)
             with self.timer.phase("backward"):
                 self.optimizer.zero_grad(set_to_none=True)
-                losses.total.backward()
+                self.scaler.scale(losses.total).backward()  # DDP averages the gradients here
             with self.timer.phase("step"):
                 if self.grad_clip_norm:
+                    self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.timer.end_step(batch["moving"].shape[0])
             self.global_step += 1
             self._call("on_train_batch_end", batch=batch, losses=losses)
@@ -178,8 +293,14 @@ class Trainer:
                 f"{float(losses.total):.4g} ({terms}); lower the learning rate or check the inputs"
             )
 
+    @property
+    def is_global_zero(self) -> bool:
+        return distributed.is_rank_zero()
+
     def _call(self, hook: str, *args, **kwargs) -> None:
         for cb in self.callbacks:
+            if cb.rank_zero_only and not self.is_global_zero:
+                continue
             getattr(cb, hook)(self, *args, **kwargs)
 
     def log(self, scalars: Mapping[str, float], step: Optional[int] = None) -> None:
@@ -204,6 +325,7 @@ class Trainer:
             "data": to_plain(self.data.spec()) if hasattr(self.data, "spec") else None,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
             "rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
 
     def restore(self, path: str) -> None:
@@ -229,6 +351,10 @@ class Trainer:
             cb.load_state_dict(data.get("callbacks", {}).get(type(cb).__name__, {}))
         if "rng" in data:
             torch.set_rng_state(data["rng"])
+        if self.scaler.is_enabled() and data.get("scaler"):
+            self.scaler.load_state_dict(data["scaler"])
+        if not self.is_global_zero:
+            return
         if self.epoch >= self.max_epochs:
             log.warning("%s: already trained %d epochs (max_epochs=%d); nothing to do", path, self.epoch, self.max_epochs)
         else:
