@@ -52,7 +52,8 @@ def rows():
         except InputError:
             two_d = "3-D only"
         integrates = f"yes, {model.int_steps} steps" if model.diffeomorphic else "no (`model.diffeomorphic=true`)"
-        yield (f"`{name}`", DESCRIPTIONS[name], fmt(count), f"{100 * count / transmorph:.2f}%", reference, two_d, str(model.size_multiple), integrates)
+        yield (f"`{name}`", DESCRIPTIONS[name], fmt(count), f"{100 * count / transmorph:.2f}%", reference,
+               two_d, str(model.size_multiple), integrates)
 
 
 def table() -> str:
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     text = table()
     if args.check:
         if read_section(args.check, SECTION) != text:
-            print(f"{args.check}: the model table is out of date; run scripts/model_table.py --out {args.check}")
+            print(f"{args.check}: the model table is out of date; "
+                  f"run scripts/model_table.py --out {args.check}")
             return 1
         print(f"{args.check}: model table is current")
         return 0

@@ -290,3 +290,56 @@ def test_docs_model_table_is_current():
     assert module.read_section(ROOT / "docs" / "models.md", module.SECTION) == module.table(), (
         "docs/models.md is stale: run .venv/bin/python scripts/model_table.py --out docs/models.md"
     )
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_transmorph_window_attention_is_the_explicit_formula(shifted):
+    """The fused attention equals softmax(q k^T / sqrt(d) + relative bias [+ shift mask]) v,
+    written out as the reference does, to float64 round-off (forward and gradients)."""
+    from regkit.models.transmorph import WindowAttention, shifted_window_mask
+
+    torch.manual_seed(0)
+    window, heads, dim, batch = (5, 6, 7), 2, 12, 2
+    attn = WindowAttention(dim, window, heads).double()
+    mask = shifted_window_mask((10, 12, 7), window, (2, 3, 3), "cpu").double() if shifted else None
+    n_windows = 4 if shifted else 3
+    x = torch.randn(batch * n_windows, 210, dim, dtype=torch.float64, requires_grad=True)
+
+    def explicit(x):
+        Bn, N, C = x.shape
+        q, k, v = attn.qkv(x).view(Bn, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        bias = attn.relative_bias[attn.relative_index.view(-1)].view(N, N, heads).permute(2, 0, 1)
+        logits = (q * (C // heads) ** -0.5) @ k.transpose(-2, -1) + bias
+        if mask is not None:
+            logits = (logits.view(batch, n_windows, heads, N, N) + mask[None, :, None]).view(Bn, heads, N, N)
+        return attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(Bn, N, C))
+
+    ours, ref = attn(x, mask), explicit(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    params = [x, attn.relative_bias, attn.qkv.weight]
+    for a, b in zip(torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow  # four processes that import torch: about 10 s of CPU
+def test_bench_script_reports_times_and_out_of_memory(tmp_path):
+    """scripts/bench_models.py end to end on a tiny input, and its out-of-memory report: a memory
+    cap below what the student needs at IXI size must give 'out of memory', not a crash."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "bench.md"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_models.py"), "--models", "student",
+                          "--size", "16", "16", "16", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| `student`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1,548,528" and float(cells[2]) > 0 and float(cells[4]) > 0 and cells[3] == "1.0"
+    assert "<!-- bench-models:start -->" in out.read_text()
+    capped = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_models.py"), "--models", "student",
+                             "--mem-limit-gb", "0.3"], capture_output=True, text=True)
+    assert capped.returncode == 0, capped.stderr
+    assert "| `student` | - | out of memory" in capped.stdout and "skipped (forward failed)" in capped.stdout

@@ -135,22 +135,23 @@ class LKUNet(RegistrationModel):
         return sum(p.numel() for p in unused.parameters())
 
 
+# The defining numbers are defaults: an override (e.g. ``large_kernel=7``, as the 2-D reference) wins.
 @MODELS.register
 def lkunet(**kwargs) -> LKUNet:
-    return LKUNet(start_channels=8, large_kernel=5, **kwargs)
+    return LKUNet(**{"start_channels": 8, "large_kernel": 5, **kwargs})
 
 
 @MODELS.register
 def lkunet16(**kwargs) -> LKUNet:
-    return LKUNet(start_channels=16, large_kernel=5, **kwargs)
+    return LKUNet(**{"start_channels": 16, "large_kernel": 5, **kwargs})
 
 
 @MODELS.register
 def lkunet4(**kwargs) -> LKUNet:
-    return LKUNet(start_channels=4, large_kernel=5, **kwargs)
+    return LKUNet(**{"start_channels": 4, "large_kernel": 5, **kwargs})
 
 
 @MODELS.register
 def lkunet_diff(**kwargs) -> LKUNet:
     """LKU-Net-diff (8, 5): the field is a velocity integrated by 7 scaling-and-squaring steps."""
-    return LKUNet(start_channels=8, large_kernel=5, **{"diffeomorphic": True, **kwargs})
+    return LKUNet(**{"start_channels": 8, "large_kernel": 5, "diffeomorphic": True, **kwargs})

@@ -96,4 +96,4 @@ class Student(RegistrationModel):
 
 @MODELS.register
 def student(**kwargs) -> Student:
-    return Student(channels=(16, 32, 64, 128), **kwargs)
+    return Student(**{"channels": (16, 32, 64, 128), **kwargs})

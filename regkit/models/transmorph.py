@@ -127,12 +127,16 @@ class WindowAttention(nn.Module):
         Bn, N, C = x.shape
         q, k, v = self.qkv(x).view(Bn, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         bias = self.relative_bias[self.relative_index.view(-1)].view(N, N, self.heads).permute(2, 0, 1)
-        attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-        if mask is not None:
+        # softmax(q k^T / sqrt(d) + bias [+ mask]) v. The fused kernel never stores the (N, N)
+        # probabilities per window, so it is exact to round-off yet far lighter and faster on a CPU.
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=self.scale)
+        else:
             nW = mask.shape[0]
-            attn = (attn.view(Bn // nW, nW, self.heads, N, N) + mask[None, :, None]).view(Bn, self.heads, N, N)
-        out = attn.softmax(dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(Bn, N, C))
+            split = (Bn // nW, nW, self.heads, N, -1)  # windows are batch-major: (b, window)
+            out = F.scaled_dot_product_attention(q.reshape(split), k.reshape(split), v.reshape(split),
+                                                 attn_mask=bias + mask[:, None], scale=self.scale)
+        return self.proj(out.reshape(Bn, self.heads, N, -1).transpose(1, 2).reshape(Bn, N, C))
 
 
 class SwinBlock(nn.Module):
@@ -208,14 +212,17 @@ class SwinStage(nn.Module):
         self.window = window
         self.shift = tuple(w // 2 for w in window)
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, heads, window, self.shift if i % 2 else (0, 0, 0), mlp_ratio, qkv_bias, drop_paths[i])
+            SwinBlock(dim, heads, window, self.shift if i % 2 else (0, 0, 0), mlp_ratio, qkv_bias,
+                      drop_paths[i])
             for i in range(depth)
         )
         self.merge = PatchMerging(dim, merge_to) if merge_to else None
 
     def forward(self, x: Tensor, size: Size3):
-        padded = tuple(math.ceil(n / w) * w for n, w in zip(size, self.window))
-        mask = shifted_window_mask(padded, self.window, self.shift, x.device).to(x.dtype)
+        mask = None
+        if any(block.shifted for block in self.blocks):
+            padded = tuple(math.ceil(n / w) * w for n, w in zip(size, self.window))
+            mask = shifted_window_mask(padded, self.window, self.shift, x.device).to(x.dtype)
         for block in self.blocks:
             x = block(x, size, mask)
         if self.merge is None:
@@ -258,10 +265,12 @@ class SwinEncoder(nn.Module):
 
 
 class ConvNormAct(nn.Sequential):
-    """3x3x3 conv without bias + InstanceNorm (no affine) + LeakyReLU(0.01)."""
+    """3x3x3 conv without bias + InstanceNorm (no affine) + LeakyReLU(0.01), in place as in the
+    reference: at full resolution that saves one feature map per block."""
 
     def __init__(self, cin: int, cout: int) -> None:
-        super().__init__(nn.Conv3d(cin, cout, 3, 1, 1, bias=False), nn.InstanceNorm3d(cout), nn.LeakyReLU(0.01))
+        super().__init__(nn.Conv3d(cin, cout, 3, 1, 1, bias=False), nn.InstanceNorm3d(cout),
+                         nn.LeakyReLU(0.01, inplace=True))
 
 
 class DecoderBlock(nn.Module):
@@ -291,7 +300,8 @@ class TransMorph(RegistrationModel):
         **kwargs: :class:`RegistrationModel` options (diffeomorphic, ...); ndim must be 3.
 
     The patch size is 4 (the two conv skips restore exactly that factor). ``predict_field`` maps
-    ``(B, 2*in_channels, D, H, W)`` (each a multiple of ``4 * 2**(len(depths) - 1)``) to a displacement ``(B, 3, D, H, W)`` in voxels.
+    ``(B, 2*in_channels, D, H, W)``, each size a multiple of ``4 * 2**(len(depths) - 1)``, to a
+    displacement ``(B, 3, D, H, W)`` in voxels.
     """
 
     supported_ndims = (3,)
@@ -311,7 +321,9 @@ class TransMorph(RegistrationModel):
         depths, num_heads = [int(d) for d in depths], [int(h) for h in num_heads]
         window = tuple(int(w) for w in window_size)
         if len(window) != 3 or min(window) < 1:
-            raise InputError(f"TransMorph: window_size must be three sizes >= 1 (D, H, W), got {tuple(window_size)}")
+            raise InputError(
+                f"TransMorph: window_size must be three sizes >= 1 (D, H, W), got {tuple(window_size)}"
+            )
         if len(depths) < 2 or len(num_heads) != len(depths) or min(depths) < 1:
             raise InputError(
                 f"TransMorph: depths (>= 2 stages, each >= 1) and num_heads must have the same length, "
@@ -319,7 +331,9 @@ class TransMorph(RegistrationModel):
             )
         bad = [(embed_dim * 2 ** i, h) for i, h in enumerate(num_heads) if h < 1 or (embed_dim * 2 ** i) % h]
         if bad:
-            raise InputError(f"TransMorph: each stage width must be divisible by its heads, got (width, heads) {bad}")
+            raise InputError(
+                f"TransMorph: each stage width must be divisible by its heads, got (width, heads) {bad}"
+            )
         if embed_dim < 2 or embed_dim % 2 or reg_head_chan < 1 or not 0 <= drop_path_rate < 1:
             raise InputError(
                 f"TransMorph: need an even embed_dim >= 2, reg_head_chan >= 1 and 0 <= drop_path_rate < 1, "
@@ -351,4 +365,5 @@ class TransMorph(RegistrationModel):
 
 @MODELS.register
 def transmorph(**kwargs) -> TransMorph:
-    return TransMorph(**{"embed_dim": 96, "depths": (2, 2, 4, 2), "num_heads": (4, 4, 8, 8), "window_size": (5, 6, 7), **kwargs})
+    defining = {"embed_dim": 96, "depths": (2, 2, 4, 2), "num_heads": (4, 4, 8, 8), "window_size": (5, 6, 7)}
+    return TransMorph(**{**defining, **kwargs})  # architecture options may be overridden
