@@ -44,8 +44,8 @@ from pathlib import Path
 
 from doc_sections import replace_section
 
-SECTION = "bench-models"
-HEADING = "## Models: time and peak memory per registration"
+SECTION = "bench_models"
+HEADING = "## Models: time and peak memory per registration (`scripts/bench_models.py`)"
 PHASES = ("forward", "train")
 GiB = 1024 ** 3
 
@@ -210,7 +210,7 @@ def fmt_mem(r: dict) -> str:
 
 def markdown(results: dict, args) -> str:
     ref = results.get(args.ratio_to, {}).get("forward", {})
-    lines = [device_line(args), "",
+    lines = [HEADING, "", device_line(args), "",
              f"| model | parameters | forward (s) | forward, x `{args.ratio_to}` | forward + backward (s) "
              f"| peak memory, forward (GiB) | peak memory, forward + backward (GiB) | first calls (s) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-limit-gb", type=float, default=0,
                     help="per-worker memory cap on CPU (0: available memory at start - 1 GiB)")
     ap.add_argument("--ratio-to", default="student", help="model whose forward time the ratios divide by")
-    ap.add_argument("--out", type=Path, help="markdown file whose bench-models section to rewrite")
+    ap.add_argument("--out", type=Path, help="markdown file whose bench_models section to rewrite")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     text = markdown(results, args)
     sys.stdout.write(text)
     if args.out:
-        replace_section(args.out, SECTION, text, heading=HEADING)
+        replace_section(args.out, SECTION, text)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

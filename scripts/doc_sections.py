@@ -29,9 +29,9 @@ def read_section(path: Path, name: str):
     return match.group(1) if match else None
 
 
-def replace_section(path: Path, name: str, body: str, heading: str = "") -> Path:
-    """Write ``body`` between the markers of ``name`` in ``path`` (atomically). Without markers,
-    append ``heading`` and the marked section at the end of the file (created if missing)."""
+def replace_section(path: Path, name: str, body: str) -> Path:
+    """Write ``body`` between the markers of ``name`` in ``path`` (atomically); without markers,
+    append the marked section at the end of the file (created if missing)."""
     start, end = markers(name)
     body = body.rstrip("\n") + "\n"
     text = path.read_text() if path.exists() else ""
@@ -40,5 +40,5 @@ def replace_section(path: Path, name: str, body: str, heading: str = "") -> Path
     if re.search(pattern, text, flags=re.S):
         text = re.sub(pattern, lambda _: block, text, count=1, flags=re.S)
     else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + (f"{heading}\n\n" if heading else "") + block + "\n"
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -18,7 +18,7 @@ from doc_sections import read_section, replace_section
 import regkit
 from regkit.errors import InputError
 
-SECTION = "model-table"
+SECTION = "model_table"
 # One line of text per registered model (what it is); the numbers all come from the models.
 DESCRIPTIONS = {
     "vxm1": "VoxelMorph-1, IXI baseline (stride-2 encoder 8-32-32-32)",
@@ -69,8 +69,8 @@ def table() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="markdown file whose model-table section to rewrite")
-    ap.add_argument("--check", type=Path, help="exit 1 if this file's model-table section is not current")
+    ap.add_argument("--out", type=Path, help="markdown file whose model_table section to rewrite")
+    ap.add_argument("--check", type=Path, help="exit 1 if this file's model_table section is not current")
     args = ap.parse_args(argv)
     text = table()
     if args.check:
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         print(f"{args.check}: model table is current")
         return 0
     if args.out:
-        replace_section(args.out, SECTION, text, heading="## Parameter counts")
+        replace_section(args.out, SECTION, text)
         print(f"wrote the model table to {args.out}")
     else:
         sys.stdout.write(text)

@@ -338,8 +338,21 @@ def test_bench_script_reports_times_and_out_of_memory(tmp_path):
     row = next(line for line in out.read_text().splitlines() if line.startswith("| `student`"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "1,548,528" and float(cells[2]) > 0 and float(cells[4]) > 0 and cells[3] == "1.0"
-    assert "<!-- bench-models:start -->" in out.read_text()
+    assert "<!-- bench_models:start -->" in out.read_text()
     capped = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_models.py"), "--models", "student",
                              "--mem-limit-gb", "0.3"], capture_output=True, text=True)
     assert capped.returncode == 0, capped.stderr
     assert "| `student` | - | out of memory" in capped.stdout and "skipped (forward failed)" in capped.stdout
+
+
+@pytest.mark.slow  # the full IXI-size TransMorph: about 6 GiB and a minute of CPU
+def test_transmorph_full_build_at_ixi_size():
+    """The real configuration at the size its windows were chosen for (the last stage is exactly
+    one 5x6x7 window), which the fast tests' small build does not exercise."""
+    torch.manual_seed(0)
+    model = regkit.create_model("transmorph").eval()
+    moving = torch.rand(1, 1, 160, 192, 224)
+    with torch.no_grad():
+        out = model(moving, torch.rand_like(moving))
+    assert out.flow.shape == (1, 3, 160, 192, 224) and torch.isfinite(out.flow).all()
+    assert out.flow.abs().max() < 0.05 and torch.allclose(out.warped, moving, atol=0.05)
