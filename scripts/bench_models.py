@@ -1,0 +1,284 @@
+"""Time and memory of every registered model at IXI size, batch 1: forward (inference) and
+forward + backward (a training step's compute), each model and phase in its own process.
+
+    .venv/bin/python scripts/bench_models.py                          # print the markdown
+    .venv/bin/python scripts/bench_models.py --out docs/benchmarks.md # and rewrite its section there
+    .venv/bin/python scripts/bench_models.py --size 80 96 112 --models student lkunet
+
+How it measures:
+* time: one warm-up call (not counted, reported apart as "first call"), then ``--repeats`` timed
+  calls; the table gives their median. Forward runs in eval mode under ``torch.no_grad()``;
+  forward + backward runs in train mode with an MSE loss between warped and fixed images and
+  gradients set to None before each call, so each call allocates its gradients as training does.
+  On CUDA every call is synchronised.
+* peak memory: on CPU the peak resident set size (VmHWM, reset through /proc/self/clear_refs) of
+  the worker process over the warm-up and timed calls, minus its resident size just before them
+  (so the model's parameters and the inputs are not counted; activations, saved tensors,
+  gradients, workspaces and allocator overhead are). Where the peak cannot be reset it falls back
+  to ru_maxrss. On CUDA: torch.cuda.max_memory_allocated over the same calls, minus the memory
+  allocated before them.
+* out of memory: each worker may use at most --mem-limit-gb of anonymous memory (RLIMIT_DATA,
+  default: what the machine has available when the worker starts, less 1 GiB), so an allocation
+  beyond it fails inside the worker and is reported as "out of memory" instead of waking the
+  kernel's OOM killer; a worker killed anyway (SIGKILL) is reported as such.
+
+By default every registered model is measured except the diffeomorphic variants (lkunet_diff),
+whose network is timed under its own name; add them with --models to see the cost of the
+integration. The default run takes about 10 minutes on a quiet 2-core CPU and needs about 12 GiB
+free (TransMorph's forward + backward).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from doc_sections import replace_section
+
+SECTION = "bench_models"
+HEADING = "## Models: time and peak memory per registration (`scripts/bench_models.py`)"
+PHASES = ("forward", "train")
+GiB = 1024 ** 3
+
+
+# -- worker -------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def worker(args) -> dict:
+    import torch
+
+    import regkit
+
+    if args.mem_limit_gb:  # after the imports, so that only the measurement is capped
+        limit = int(args.mem_limit_gb * GiB)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = regkit.create_model(args.worker).to(device)
+    moving = torch.rand(1, 1, *args.size, device=device)
+    fixed = torch.rand(1, 1, *args.size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    if args.phase == "forward":
+        model.eval()
+
+        def call():
+            with torch.no_grad():
+                model(moving, fixed)
+    else:
+        model.train()
+
+        def call():
+            model.zero_grad(set_to_none=True)
+            out = model(moving, fixed)
+            torch.mean((out.warped - fixed) ** 2).backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        reset = _reset_peak_rss()
+        base = _status_kib("VmRSS") * 1024
+        method = "VmHWM" if reset else "ru_maxrss"
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    elif method == "VmHWM":
+        peak = _status_kib("VmHWM") * 1024 - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"params": model.num_parameters(), "first_s": first, "times_s": times,
+            "median_s": statistics.median(times), "peak_bytes": peak, "memory": method}
+
+
+def run_worker(args) -> int:
+    try:
+        result = worker(args)
+    except (RuntimeError, MemoryError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        oom = isinstance(exc, MemoryError) or any(
+            s in text.lower() for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+        result = {"error": ("out of memory: " if oom else "failed: ") + text[:200]}
+    print(json.dumps(result))
+    return 0
+
+
+# -- parent -------------------------------------------------------------------------------------
+def mem_available_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return float("nan")
+
+
+def measure(name: str, phase: str, args) -> dict:
+    limit = args.mem_limit_gb or max(1.0, mem_available_gib() - 1.0)
+    cmd = [sys.executable, __file__, "--worker", name, "--phase", phase, "--device", args.device,
+           "--repeats", str(args.repeats), "--size", *map(str, args.size),
+           "--threads", str(args.threads or 0)]
+    if args.device == "cpu":
+        cmd += ["--mem-limit-gb", f"{limit:.2f}"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == -signal.SIGKILL:
+        return {"error": "killed by SIGKILL (most likely the kernel's out-of-memory killer)"}
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit status {proc.returncode}: {tail[:200]}"}
+    result = json.loads(lines[-1])
+    if args.device == "cpu" and "error" in result and result["error"].startswith("out of memory"):
+        result["error"] += f" (limit {limit:.1f} GiB)"
+    return result
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_line(args) -> str:
+    import torch
+
+    if args.device == "cuda":
+        dev = torch.cuda.get_device_name(0)
+    else:
+        threads = args.threads or torch.get_num_threads()
+        dev = f"CPU {cpu_name()}, {os.cpu_count()} cores, {threads} torch threads"
+    load = ", load average at start {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
+    return (f"Device: {dev}{load}. torch {torch.__version__}, {datetime.date.today().isoformat()}. "
+            f"Input {'x'.join(map(str, args.size))}, batch 1, one channel; median of {args.repeats} "
+            f"timed calls after one warm-up call.")
+
+
+def fmt_s(r: dict) -> str:
+    return r["error"] if "error" in r else f"{r['median_s']:.2f}"
+
+
+def fmt_mem(r: dict) -> str:
+    return "-" if "error" in r else f"{r['peak_bytes'] / GiB:.2f}"
+
+
+def markdown(results: dict, args) -> str:
+    ref = results.get(args.ratio_to, {}).get("forward", {})
+    lines = [HEADING, "", device_line(args), "",
+             f"| model | parameters | forward (s) | forward, x `{args.ratio_to}` | forward + backward (s) "
+             f"| peak memory, forward (GiB) | peak memory, forward + backward (GiB) | first calls (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, phases in results.items():
+        fwd, train = phases["forward"], phases["train"]
+        params = next((f"{p['params']:,}" for p in (fwd, train) if "params" in p), "-")
+        ratio = (f"{fwd['median_s'] / ref['median_s']:.1f}" if "median_s" in fwd and "median_s" in ref else "-")
+        first = " / ".join(f"{p['first_s']:.2f}" if "first_s" in p else "-" for p in (fwd, train))
+        lines.append(f"| `{name}` | {params} | {fmt_s(fwd)} | {ratio} | {fmt_s(train)} | {fmt_mem(fwd)} "
+                     f"| {fmt_mem(train)} | {first} |")
+    mem = {p.get("memory") for phases in results.values() for p in phases.values() if "memory" in p}
+    lines += ["", f"Peak memory: {', '.join(sorted(mem)) or 'n/a'} (see the script's docstring); "
+              "first calls: forward / forward + backward, not counted in the medians. Reproduce with "
+              f"`{' '.join(['.venv/bin/python', 'scripts/bench_models.py'] + args.argv)}` "
+              "(`--out docs/benchmarks.md` rewrites this section)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+",
+                    help="registry names (default: every registered model but the diffeomorphic "
+                         "variants such as lkunet_diff, whose network another name already times)")
+    ap.add_argument("--size", nargs="+", type=int, default=[160, 192, 224], help="spatial size (D H W)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed calls after the warm-up call")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per model and phase")
+    ap.add_argument("--mem-limit-gb", type=float, default=0,
+                    help="per-worker memory cap on CPU (0: available memory at start - 1 GiB)")
+    ap.add_argument("--ratio-to", default="student", help="model whose forward time the ratios divide by")
+    ap.add_argument("--out", type=Path, help="markdown file whose bench_models section to rewrite")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    # The recorded command reproduces the table wherever it is written, so --out is left out.
+    args.argv = [a for i, a in enumerate(argv)
+                 if not (a == "--out" or a.startswith("--out=") or (i and argv[i - 1] == "--out"))]
+    if args.repeats < 1 or any(s < 1 for s in args.size):
+        ap.error("--repeats and --size must be positive")
+
+    import regkit
+
+    names = args.models or [n for n in regkit.list_models() if not n.endswith("_diff")]
+    for name in names:
+        regkit.models.MODELS.get(name)  # unknown names fail here, with the valid ones listed
+    results = {}
+    for name in names:
+        results[name] = {}
+        for phase in PHASES:
+            if phase == "train" and "error" in results[name]["forward"]:
+                results[name][phase] = {"error": "skipped (forward failed)"}
+                continue
+            t0 = time.perf_counter()
+            r = measure(name, phase, args)
+            results[name][phase] = r
+            status = r.get("error") or f"median {r['median_s']:.2f} s, peak {r['peak_bytes'] / GiB:.2f} GiB"
+            print(f"{name:>12} {phase:>7}: {status}  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+    text = markdown(results, args)
+    sys.stdout.write(text)
+    if args.out:
+        replace_section(args.out, SECTION, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
