@@ -51,7 +51,8 @@ class CompositeLoss(nn.Module):
 
     What each term receives follows its ``inputs`` attribute (see ``regkit.losses.registry``):
     similarity terms get ``(output.warped, batch["fixed"])``; regularisers get ``output.field``
-    (the velocity for diffeomorphic models, else the flow); label terms get the one-hot moving
+    (the velocity for diffeomorphic models, else the flow), or ``output.flow`` when the term sets
+    ``uses_displacement = True`` (``folding``); label terms get the one-hot moving
     labels warped linearly by ``output.flow`` and the one-hot fixed labels, for the label
     values in the term's ``labels`` attribute.
     """
@@ -100,7 +101,7 @@ class CompositeLoss(nn.Module):
         if term.inputs == "images":
             return term(output.warped, batch["fixed"])
         if term.inputs == "flow":
-            return term(output.field)
+            return term(output.flow if getattr(term, "uses_displacement", False) else output.field)
         for need in ("moving_label", "fixed_label"):
             if batch.get(need) is None:
                 raise InputError(f"loss term '{key}' needs label maps, but the batch has no '{need}'")
