@@ -19,8 +19,10 @@ CPU and on CUDA when present. Only the warped image needs a gradient, as in trai
   methods against ``lncc_fast`` in float64, MONAI against MONAI in float64): relative value error
   and ``max|g32 - g64| / max|g64|``.
 * Equality (float64, the small size): value and gradient of every method against ``lncc``.
+* Float32 accuracy at the small size on three pairs: the brain-like one, the same with an
+  intensity offset of 100, and uniform noise.
 * Memory traffic of ``lncc_fast``: the bytes its forward + backward moves, counted op by op
-  (every operand read once, every result written once), for the GPU code path; on CUDA this is
+  (every operand read once, every result written once; the same ops on every device); on CUDA this is
   divided by the measured copy bandwidth to give the bandwidth bound of the passes it makes.
 
     .venv/bin/python scripts/bench_loss.py                          # print the markdown
@@ -113,6 +115,21 @@ def _status_mib(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def cap_address_space(device: torch.device, limit_gb: float) -> None:
+    """CPU: cap this process's address space at its current size + ``limit_gb``, so that running
+    out fails inside it (reported as OOM) instead of waking the system OOM killer, which may
+    pick another process. (Float64 convolutions on the CPU take a slow path with a w³-fold
+    im2col buffer: 21 GB for lncc at 80x96x112.)"""
+    if device.type == "cpu":
+        cap = int(_status_mib("VmSize") * MiB + limit_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def oom_message(err: BaseException) -> Optional[str]:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text[:200] if isinstance(err, MemoryError) or "memory" in text.lower() else None
+
+
 def child_memory(method: str, data: str, device: str, window: int, limit_gb: float, tf32: bool) -> None:
     """Run in a fresh process: one forward + backward; print {"peak_mib": x} or {"oom": why}."""
     set_tf32(tf32)
@@ -123,12 +140,7 @@ def child_memory(method: str, data: str, device: str, window: int, limit_gb: flo
     loss(tiny, tiny.detach() * 0.5).backward()  # library set-up (threads, kernels) is not the method's
     warped = pair["moving"].to(dev).requires_grad_()
     fixed = pair["fixed"].to(dev)
-    if dev.type == "cpu":
-        # Cap the address space so that running out fails inside this process (reported as
-        # OOM) instead of waking the system OOM killer, which may pick another process.
-        vm = _status_mib("VmSize") * MiB
-        cap = int(vm + limit_gb * 2 ** 30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    cap_address_space(dev, limit_gb)
     try:
         if dev.type == "cuda":
             sync(dev)
@@ -144,19 +156,34 @@ def child_memory(method: str, data: str, device: str, window: int, limit_gb: flo
             loss(warped, fixed).backward()
             peak = _status_mib("VmHWM") - base
     except (RuntimeError, MemoryError) as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if isinstance(err, MemoryError) or "memory" in text.lower():
-            print(json.dumps({"oom": text[:200]}))
-            return
-        raise
+        if oom_message(err) is None:
+            raise
+        print(json.dumps({"oom": oom_message(err)}))
+        return
     print(json.dumps({"peak_mib": peak}))
 
 
-def measure_memory(method: str, data: Path, device: torch.device, window: int, limit_gb: float,
-                   tf32: bool) -> Dict[str, object]:
+def child_equality(methods: Sequence[str], data: str, device: str, window: int, limit_gb: float) -> None:
+    """Run in a fresh process: the float64 equality check; print its rows or {"oom": why}."""
+    dev = torch.device(device)
+    pair = torch.load(data, weights_only=True)
+    cap_address_space(dev, limit_gb)
+    try:
+        rows = equality_check(methods, pair, dev, window)
+    except (RuntimeError, MemoryError) as err:
+        if oom_message(err) is None:
+            raise
+        print(json.dumps({"oom": oom_message(err)}))
+        return
+    print(json.dumps({"rows": rows}))
+
+
+def run_child(task: str, arg: str, data: Path, device: torch.device, window: int, limit_gb: float,
+              tf32: bool) -> Dict[str, object]:
+    """``task`` ("memory" or "equality") in a fresh process; its JSON answer, or the reason for none."""
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # freed blocks go back to the OS: RSS follows live memory
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", method, "--child-data", str(data),
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--child-{task}", arg, "--child-data", str(data),
            "--child-device", str(device), "--window", str(window), "--mem-limit-gb", str(limit_gb)]
     if tf32:
         cmd.append("--tf32")
@@ -228,6 +255,28 @@ def equality_check(methods, pair, device, window) -> List[Dict[str, object]]:
     v0, g0 = results["lncc"]
     return [{"method": m, "value": v, "abs_dvalue": abs(v - v0),
              "max_dgrad_rel": ((g - g0).abs().max() / g0.abs().max()).item()} for m, (v, g) in results.items()]
+
+
+def accuracy_table(methods, pair, device, window) -> List[Dict[str, object]]:
+    """float32 against float64 (same definition) on three pairs: the brain-like pair, the same
+    with an intensity offset of 100, and uniform noise (J = (I + noise) / 2)."""
+    gen = torch.Generator().manual_seed(0)
+    noise_i = torch.rand(pair["moving"].shape, generator=gen)
+    noise_j = (noise_i + torch.rand(pair["moving"].shape, generator=gen)) / 2
+    cases = {"brain-like pair": (pair["moving"], pair["fixed"]),
+             "brain-like pair + 100": (pair["moving"] + 100, pair["fixed"] + 100),
+             "uniform noise": (noise_i, noise_j)}
+    out = []
+    for case, (mov, fix) in cases.items():
+        refs = {}
+        for m in methods:
+            key = "monai" if m == "monai" else "lncc_fast"
+            if key not in refs:
+                refs[key] = float64_reference(key, {"moving": mov, "fixed": fix}, device, window)
+            _, v, g = run_once(build(m, window).to(device), mov.to(device), fix.to(device), device)
+            ve, ge = rel_errors(v, g.cpu(), refs[key][0], refs[key][1].cpu())
+            out.append({"case": case, "method": m, "value_rel_err": ve, "grad_rel_err": ge})
+    return out
 
 
 # ----------------------------------------------------------------------------- memory traffic
@@ -326,8 +375,14 @@ def fmt_time(t: Optional[float]) -> str:
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
 
 
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(meta: Dict[str, str], rows: List[Dict[str, object]], equality: Dict[str, list],
-                    traffic: List[Dict[str, object]]) -> str:
+                    accuracy: Dict[str, list], traffic: List[Dict[str, object]]) -> str:
     out = io.StringIO()
     w = out.write
     w("## Loss: LNCC forward + backward\n\n")
@@ -338,7 +393,8 @@ def render_markdown(meta: Dict[str, str], rows: List[Dict[str, object]], equalit
       "(CPU: peak resident memory above the level before the call; CUDA: `max_memory_allocated`). "
       f"TF32 {'allowed' if meta['tf32'] == 'on' else 'off'}. `monai` is "
       "`LocalNormalizedCrossCorrelationLoss(kernel_type=\"rectangular\", kernel_size=9)`, whose "
-      "definition differs slightly (see below).\n\n")
+      "definition differs (variances clamped at 1e-5 instead of eps in the denominator; its value is in "
+      "the equality table).\n\n")
     for device in dict.fromkeys(r["device"] for r in rows):
         w(f"### {device}: {meta['device:' + device]}\n\n")
         w("| size | method | fwd+bwd | calls | lncc_group / method | lncc / method | peak memory | "
@@ -351,18 +407,29 @@ def render_markdown(meta: Dict[str, str], rows: List[Dict[str, object]], equalit
               f"{ratio('speedup_vs_group')} | {ratio('speedup_vs_lncc')} | {mem} | "
               f"{err('value_rel_err')} | {err('grad_rel_err')} |\n")
         w("\n")
-        eq = equality.get(device)
-        if eq:
-            size, items = eq
-            w(f"Equality in float64 at {size}, against `lncc`:\n\n| method | value | abs. value diff | "
-              "max grad diff / max grad |\n|---|---|---|---|\n")
-            for e in items:
-                w(f"| `{e['method']}` | {e['value']:.12f} | {e['abs_dvalue']:.1e} | {e['max_dgrad_rel']:.1e} |\n")
+        if device in equality:
+            size, items = equality[device]
+            w(f"Equality in float64 at {size}, against `lncc`:\n\n")
+            w(md_table(["method", "value", "abs. value diff", "max grad diff / max grad"],
+                       [[f"`{e['method']}`", f"{e['value']:.12f}", f"{e['abs_dvalue']:.1e}", f"{e['max_dgrad_rel']:.1e}"]
+                        if "value" in e else [f"`{e['method']}`", f"not run: {e.get('note')}", "–", "–"]
+                        for e in items]))
+            if any(e["method"] == "monai" for e in items):
+                w("\n`monai` differs from `lncc` by its definition, not by round-off.\n")
+            w("\n")
+        if device in accuracy:
+            size, items = accuracy[device]
+            w(f"Float32 against float64 of the same definition at {size} (value: relative error; gradient: "
+              "max error / max gradient):\n\n")
+            w(md_table(["pair", "method", "value rel. err", "grad rel. err"],
+                       [[a["case"], f"`{a['method']}`", f"{a['value_rel_err']:.1e}", f"{a['grad_rel_err']:.1e}"]
+                        for a in items]))
             w("\n")
     if traffic:
-        w("Memory traffic of `lncc_fast` forward + backward on the GPU code path, counted op by op "
-          "(every operand read once, every result written once; see docs/losses.md for the pass-by-pass "
-          "derivation):\n\n| size | bytes moved | per voxel | volumes of float32 | copy bandwidth | bound | "
+        w("Memory traffic of `lncc_fast` forward + backward (float32, gradient for the warped image only), "
+          "counted op by op: every operand read once, every result written once, the same ops on every device "
+          "(derivation by stage below). The bound is bytes / the measured device-to-device copy bandwidth:"
+          "\n\n| size | bytes moved | per voxel | volumes of float32 | copy bandwidth | bound | "
           "measured | measured / bound |\n|---|---|---|---|---|---|---|---|\n")
         for t in traffic:
             bw = f"{t['bandwidth'] / 1e9:.0f} GB/s" if t.get("bandwidth") else "no GPU"
@@ -407,13 +474,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="timed calls per method: as many as fit in this many seconds, at least 2, at most --reps")
     p.add_argument("--mem-limit-gb", type=float, default=None,
                    help="address space a CPU method may add (default: 80%% of MemAvailable, at most 16)")
-    p.add_argument("--equality-size", type=parse_size, default=(80, 96, 112),
-                   help="size of the float64 equality check (the conv methods are slow in float64)")
+    p.add_argument("--equality-size", type=parse_size, default=(40, 48, 56),
+                   help="size of the float64 equality check (CPU float64 convolutions need a w³-fold "
+                        "im2col buffer: about 2.7 GB at the default size, 21 GB at 80x96x112)")
+    p.add_argument("--accuracy-size", type=parse_size, default=(80, 96, 112),
+                   help="size of the float32 accuracy table")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for timing (default: off)")
     p.add_argument("--csv", type=Path, default=ROOT / "bench_results" / "bench_loss.csv")
     p.add_argument("--out", type=Path, default=None, help="update the loss section of this markdown file")
     p.add_argument("--cache", type=Path, default=ROOT / "bench_results")
     p.add_argument("--child-memory", help=argparse.SUPPRESS)
+    p.add_argument("--child-equality", help=argparse.SUPPRESS)
     p.add_argument("--child-data", help=argparse.SUPPRESS)
     p.add_argument("--child-device", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -421,6 +492,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.child_memory:
         child_memory(args.child_memory, args.child_data, args.child_device, args.window,
                      args.mem_limit_gb or 16.0, args.tf32)
+        return 0
+    if args.child_equality:
+        child_equality(args.child_equality.split(","), args.child_data, args.child_device, args.window,
+                       args.mem_limit_gb or 16.0)
         return 0
 
     set_tf32(args.tf32)
@@ -444,74 +519,98 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"memory cap per CPU method: {args.mem_limit_gb} GiB; torch threads: {torch.get_num_threads()}")
     rows: List[Dict[str, object]] = []
     equality: Dict[str, list] = {}
+    accuracy: Dict[str, list] = {}
     traffic: Dict[str, Dict[str, object]] = {}
     for device in devices:
         meta[f"device:{device.type}"] = device_name(device)
         bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
         for shape in args.sizes:
-            size = "×".join(map(str, shape))
-            pair, data_path = cached_pair(shape, args.cache)
-            memory = {}
-            for m in args.methods:
-                log(f"{device.type} {size}: peak memory of {m} (subprocess)")
-                memory[m] = measure_memory(m, data_path, device, args.window, args.mem_limit_gb, args.tf32)
-            runnable = [m for m in args.methods if "peak_mib" in memory[m]]
-            log(f"{device.type} {size}: timing {', '.join(runnable)}")
-            timed = time_methods(runnable, pair, device, args.window, args.reps, args.budget_s) if runnable else {}
-            refs = {}
-            for m in runnable:
-                key = "monai" if m == "monai" else "regkit"
-                if key not in refs:
-                    log(f"{device.type} {size}: float64 reference ({'monai' if key == 'monai' else 'lncc_fast'})")
-                    refs[key] = float64_reference(m, pair, device, args.window)
-            medians = {m: statistics.median(timed[m]["times"]) for m in runnable}
-            for m in args.methods:
-                row = {"device": device.type, "size": size, "method": m, "window": args.window}
-                mem = memory[m]
-                row["peak_mib"] = mem.get("peak_mib")
-                row["memory_note"] = ("OOM: " + mem["oom"]) if "oom" in mem else mem.get("error")
-                if m in timed:
-                    row["median_s"] = medians[m]
-                    row["calls"] = len(timed[m]["times"])
-                    row["times_s"] = " ".join(f"{t:.4f}" for t in timed[m]["times"])
-                    row["speedup_vs_group"] = medians["lncc_group"] / medians[m] if "lncc_group" in medians else None
-                    row["speedup_vs_lncc"] = medians["lncc"] / medians[m] if "lncc" in medians else None
-                    ref = refs["monai" if m == "monai" else "regkit"]
-                    row["value"] = timed[m]["value"]
-                    row["value_rel_err"], row["grad_rel_err"] = rel_errors(
-                        timed[m]["value"], timed[m]["grad"].cpu(), ref[0], ref[1].cpu())
-                rows.append(row)
-            if "lncc_fast" in args.methods:
-                if size not in traffic:
-                    total, per_op = lncc_fast_traffic(shape, args.window)
-                    traffic[size] = {"size": size, "voxels": pair["moving"].numel(), "bytes": total, "per_op": per_op}
-                if bandwidth and "lncc_fast" in medians:
-                    t = traffic[size]
-                    t.update(bandwidth=bandwidth, bound_s=t["bytes"] / bandwidth, measured_s=medians["lncc_fast"])
-            del pair
+            size_rows, t = bench_size(shape, device, args)
+            rows += size_rows
+            if t is not None:
+                size = t["size"]
+                if bandwidth and t.get("measured_s"):
+                    t.update(bandwidth=bandwidth, bound_s=t["bytes"] / bandwidth)
+                if size not in traffic or t.get("bandwidth"):
+                    traffic[size] = t
+            write_csv(rows, args.csv)  # after every size: a later crash loses nothing measured
         if "lncc" in args.methods:
-            log(f"{device.type}: float64 equality check at {args.equality_size}")
-            pair, _ = cached_pair(args.equality_size, args.cache)
-            equality[device.type] = ("×".join(map(str, args.equality_size)),
-                                     equality_check(args.methods, pair, device, args.window))
-    md = render_markdown(meta, rows, equality, list(traffic.values()))
+            log(f"{device.type}: float64 equality check at {args.equality_size} (subprocess)")
+            _, data_path = cached_pair(args.equality_size, args.cache)
+            answer = run_child("equality", ",".join(args.methods), data_path, device, args.window,
+                               args.mem_limit_gb, args.tf32)
+            size = "×".join(map(str, args.equality_size))
+            equality[device.type] = (size, answer.get("rows") or
+                                     [{"method": m, "note": answer.get("oom") or answer.get("error")} for m in args.methods])
+        log(f"{device.type}: float32 accuracy at {args.accuracy_size}")
+        pair, _ = cached_pair(args.accuracy_size, args.cache)
+        accuracy[device.type] = ("×".join(map(str, args.accuracy_size)),
+                                 accuracy_table(args.methods, pair, device, args.window))
+    md = render_markdown(meta, rows, equality, accuracy, list(traffic.values()))
     print(md)
-    fields = ["device", "size", "method", "window", "median_s", "calls", "times_s", "speedup_vs_group",
-              "speedup_vs_lncc", "peak_mib", "memory_note", "value", "value_rel_err", "grad_rel_err"]
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            wr.writeheader()
-            wr.writerows(rows)
-
-    atomic_write(args.csv, write_csv)
     log(f"CSV: {args.csv}")
     if args.out:
         update_doc(args.out, md)
         log(f"updated {args.out}")
     return 0
+
+
+def bench_size(shape: Sequence[int], device: torch.device, args) -> Tuple[List[Dict[str, object]], Optional[dict]]:
+    """Memory (subprocesses), timing and float32 accuracy of every method at one size; the rows,
+    and the memory traffic of lncc_fast (with its measured time)."""
+    size = "×".join(map(str, shape))
+    pair, data_path = cached_pair(shape, args.cache)
+    memory = {}
+    for m in args.methods:
+        log(f"{device.type} {size}: peak memory of {m} (subprocess)")
+        memory[m] = run_child("memory", m, data_path, device, args.window, args.mem_limit_gb, args.tf32)
+    runnable = [m for m in args.methods if "peak_mib" in memory[m]]
+    log(f"{device.type} {size}: timing {', '.join(runnable)}")
+    timed = time_methods(runnable, pair, device, args.window, args.reps, args.budget_s) if runnable else {}
+    refs = {}
+    for m in runnable:
+        key = "monai" if m == "monai" else "regkit"
+        if key not in refs:
+            log(f"{device.type} {size}: float64 reference ({'monai' if key == 'monai' else 'lncc_fast'})")
+            refs[key] = float64_reference(m, pair, device, args.window)
+    medians = {m: statistics.median(timed[m]["times"]) for m in runnable}
+    rows = []
+    for m in args.methods:
+        row = {"device": device.type, "size": size, "method": m, "window": args.window}
+        mem = memory[m]
+        row["peak_mib"] = mem.get("peak_mib")
+        row["memory_note"] = ("OOM: " + mem["oom"]) if "oom" in mem else mem.get("error")
+        if m in timed:
+            row["median_s"] = medians[m]
+            row["calls"] = len(timed[m]["times"])
+            row["times_s"] = " ".join(f"{t:.4f}" for t in timed[m]["times"])
+            row["speedup_vs_group"] = medians["lncc_group"] / medians[m] if "lncc_group" in medians else None
+            row["speedup_vs_lncc"] = medians["lncc"] / medians[m] if "lncc" in medians else None
+            ref = refs["monai" if m == "monai" else "regkit"]
+            row["value"] = timed[m]["value"]
+            row["value_rel_err"], row["grad_rel_err"] = rel_errors(
+                timed[m]["value"], timed[m]["grad"].cpu(), ref[0], ref[1].cpu())
+        rows.append(row)
+    traffic = None
+    if "lncc_fast" in args.methods:
+        total, per_op = lncc_fast_traffic(shape, args.window)
+        traffic = {"size": size, "voxels": pair["moving"].numel(), "bytes": total, "per_op": per_op,
+                   "measured_s": medians.get("lncc_fast") if device.type == "cuda" else None}
+    return rows, traffic
+
+
+CSV_FIELDS = ["device", "size", "method", "window", "median_s", "calls", "times_s", "speedup_vs_group",
+              "speedup_vs_lncc", "peak_mib", "memory_note", "value", "value_rel_err", "grad_rel_err"]
+
+
+def write_csv(rows: List[Dict[str, object]], path: Path) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            wr.writeheader()
+            wr.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _meminfo_gb(key: str) -> float:

@@ -439,3 +439,20 @@ def test_terms_added_and_removed_from_the_command_line(real_batch):
     assert loss.terms["dice"].labels == (2, 3, 41, 42) and loss.terms["folding"].margin == 0.1
     assert loss.weights == {"lncc_fast": 1.0, "bending": 0.5, "dice": 1.0, "folding": 10.0}
     assert 0 < res.terms["dice"].item() < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", LNCC_NAMES)
+def test_lncc_on_cuda_matches_cpu_reference(name, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32/fp64 convolutions
+    torch.manual_seed(0)
+    I0, J0 = torch.rand(2, 2, 9, 10, 11, dtype=torch.float64), torch.rand(2, 2, 9, 10, 11, dtype=torch.float64)
+    I = I0.clone().requires_grad_()
+    ref = regkit.create_loss("lncc")(I, J0)
+    (g_ref,) = torch.autograd.grad(ref, [I])
+    Ic = I0.cuda().requires_grad_()
+    got = regkit.create_loss(name).cuda()(Ic, J0.cuda())
+    (g,) = torch.autograd.grad(got, [Ic])
+    assert abs(got.item() - ref.item()) < 1e-12
+    assert torch.allclose(g.cpu(), g_ref, rtol=1e-10, atol=1e-15)

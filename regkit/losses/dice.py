@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from regkit.errors import InputError
+from regkit.losses.lncc import check_image_pair
 from regkit.losses.registry import LOSSES
 
 # The 30 FreeSurfer structures evaluated on IXI (TransMorph's protocol). The synthetic dataset's
@@ -53,15 +54,8 @@ class Dice(nn.Module):
         self.labels = check_labels(labels, "Dice")
 
     def forward(self, warped: Tensor, fixed: Tensor) -> Tensor:
-        for what, t in (("warped", warped), ("fixed", fixed)):
-            if not isinstance(t, Tensor):
-                raise InputError(f"Dice: {what} must be a tensor, got {type(t).__name__}")
-        if warped.shape != fixed.shape:
-            raise InputError(
-                f"Dice: warped and fixed one-hot maps must have the same shape, got {tuple(warped.shape)} "
-                f"and {tuple(fixed.shape)}"
-            )
-        if warped.dim() not in (4, 5) or warped.shape[1] != len(self.labels):
+        check_image_pair(warped, fixed, "Dice")
+        if warped.shape[1] != len(self.labels):
             raise InputError(
                 f"Dice: expected one-hot maps (B, {len(self.labels)}, *spatial) for {len(self.labels)} labels, "
                 f"got shape {tuple(warped.shape)}"
