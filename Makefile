@@ -22,7 +22,7 @@ test-all: dev       ## every test that this machine can run (GPU tests skip with
 	$(PY) -m pytest -m "slow or not slow"
 
 bench: install      ## loss benchmark, results in docs/benchmarks.md
-	$(PY) scripts/bench_loss.py
+	$(PY) scripts/bench_loss.py --out docs/benchmarks.md
 
 clean:
 	rm -rf outputs multirun data/generated .pytest_cache

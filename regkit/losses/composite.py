@@ -51,7 +51,9 @@ class CompositeLoss(nn.Module):
 
     What each term receives follows its ``inputs`` attribute (see ``regkit.losses.registry``):
     similarity terms get ``(output.warped, batch["fixed"])``; regularisers get ``output.field``
-    (the velocity for diffeomorphic models, else the flow); label terms get the one-hot moving
+    (the velocity for diffeomorphic models, else the flow; for a cascade the sum over its
+    ``stage_fields``), or ``output.flow`` (the composed displacement) when the term sets
+    ``uses_displacement = True`` (``folding``); label terms get the one-hot moving
     labels warped linearly by ``output.flow`` and the one-hot fixed labels, for the label
     values in the term's ``labels`` attribute.
     """
@@ -100,6 +102,10 @@ class CompositeLoss(nn.Module):
         if term.inputs == "images":
             return term(output.warped, batch["fixed"])
         if term.inputs == "flow":
+            if getattr(term, "uses_displacement", False):
+                return term(output.flow)
+            if output.stage_fields:  # a cascade: smoothness per stage, summed
+                return torch.stack([term(f) for f in output.stage_fields]).sum()
             return term(output.field)
         for need in ("moving_label", "fixed_label"):
             if batch.get(need) is None:

@@ -14,21 +14,26 @@ They differ only in how the five window sums are obtained:
 ``lncc``        five sequential ``w**ndim`` convolutions (VoxelMorph; FastLNCC Algorithm 1).
 ``lncc_group``  one grouped convolution over ``cat(I, J, I², J², IJ)`` (FastLNCC Algorithm 2,
                 Chen et al., "FastLNCC" preprint).
-``lncc_fast``   running sums: the box filter is separable, and along each axis a window sum is
-                the difference of two cumulative sums, so each map costs ``2 * ndim`` passes
-                instead of ``w**ndim`` multiply-adds per voxel. Its backward is written by hand:
-                a zero-padded symmetric box filter is self-adjoint, so the gradient is three
-                more box filters (five when both inputs need gradients) of per-voxel terms.
-                The images are centred first (with an exact correction for truncated border
-                windows), variances are clamped at zero and ``cross²`` at ``var_I var_J``, so
-                float32 cancellation cannot make a variance negative or ``cc`` leave [0, 1).
+``lncc_fast``   separable box filters by doubling: along each axis, sums of 2, 4, 8, ... entries
+                are one vectorised addition each, and a window of width 9 is the sum of two of
+                them, so each map costs ``4 * ndim`` additions per voxel instead of ``w**ndim``
+                multiply-adds. Its backward is written by hand: a zero-padded symmetric box
+                filter is self-adjoint, so the gradient is three more box filters (five when
+                both inputs need gradients) of per-voxel terms. Every window sum is a short
+                addition tree of its own entries, so its rounding is relative to the window
+                itself. The images are shifted by their minimum first (with an exact correction
+                for truncated border windows), variances below their own rounding error are set
+                to zero and ``cross²`` is clamped at ``var_I var_J``, so float32 cancellation
+                cannot make a variance negative or ``cc`` leave [0, 1). In float32 it is more
+                accurate than the five-convolution reference (docs/losses.md).
 
 Channels are treated independently; inputs are ``(B, C, *spatial)`` with 2 or 3 spatial dims.
 All three compute in float32 (or float64) whatever the input dtype or autocast state.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import functools
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,23 @@ from torch import Tensor, nn
 
 from regkit.errors import InputError
 from regkit.losses.registry import LOSSES
+
+
+def computes_in_float32(forward):
+    """Decorator for a loss ``forward(self, a, b, ...)``: half-precision tensor inputs are upcast to
+    float32 and autocast is off inside, so the loss is the float32 value whatever the caller's
+    precision (window sums of squares, histograms and means need float32's range and precision)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, a: Tensor, b: Tensor, *args, **kwargs):
+        if isinstance(a, Tensor) and isinstance(b, Tensor):
+            if a.dtype in (torch.float16, torch.bfloat16) or b.dtype in (torch.float16, torch.bfloat16):
+                a, b = a.float(), b.float()
+            with torch.autocast(a.device.type, enabled=False):
+                return forward(self, a, b, *args, **kwargs)
+        return forward(self, a, b, *args, **kwargs)
+
+    return wrapper
 
 
 def check_image_pair(pred: Tensor, target: Tensor, name: str) -> int:
@@ -96,18 +118,14 @@ class _LNCCBase(nn.Module):
     def extra_repr(self) -> str:
         return f"window={self.window}, eps={self.eps}"
 
+    @computes_in_float32
     def forward(self, warped: Tensor, fixed: Tensor) -> Tensor:
         ndim = check_image_pair(warped, fixed, type(self).__name__)
         # Each channel is its own single-channel image.
         b, c = warped.shape[:2]
         i = warped.reshape(b * c, 1, *warped.shape[2:])
         j = fixed.reshape(b * c, 1, *fixed.shape[2:])
-        # Window sums of squares need float32's range and precision: half inputs are upcast, and
-        # autocast (which would run the box convolutions in half precision) is off in here.
-        if i.dtype in (torch.float16, torch.bfloat16) or j.dtype in (torch.float16, torch.bfloat16):
-            i, j = i.float(), j.float()
-        with torch.autocast(i.device.type, enabled=False):
-            return self.compute(i, j, ndim)
+        return self.compute(i, j, ndim)
 
     def compute(self, i: Tensor, j: Tensor, ndim: int) -> Tensor:
         raise NotImplementedError
@@ -133,147 +151,214 @@ class LNCCGroup(_LNCCBase):
         return -cc_from_sums(*sums.unbind(1), n=self.window ** ndim, eps=self.eps).mean()
 
 
-def box_sum(x: Tensor, window: int, dims: Sequence[int]) -> Tensor:
-    """Zero-padded window sums of odd width ``window`` along ``dims``, by running sums.
+def _shell_boxes(spatial: Sequence[int], r: int):
+    """Disjoint boxes (tuples of slices) covering the voxels within ``r`` of a face.
 
-    ``out[i] = cumsum[min(i + r, n - 1)] - cumsum[i - r - 1]`` (the second term 0 when
-    ``i - r - 1 < 0``), one axis after the other; equal to a ones-kernel convolution with
-    padding ``r = window // 2``.
+    The slabs at both ends of axis ``d`` are restricted to the interior of the axes before
+    ``d``, so that edges and corners belong to one box only.
+    """
+    for d, size in enumerate(spatial):
+        inner = [slice(r, s - r) for s in spatial[:d]]
+        if any(sl.start >= sl.stop for sl in inner):
+            return  # the earlier slabs already cover everything
+        lo = min(r, size)
+        for sl in (slice(0, lo), slice(max(size - r, lo), size)):
+            if sl.start < sl.stop:
+                yield tuple(inner) + (sl,) + tuple(slice(0, s) for s in spatial[d + 1:])
+
+
+def _outside_counts(box: Sequence[slice], spatial: Sequence[int], window: int, like: Tensor) -> Tensor:
+    """``n - m`` over ``box``: how many entries of each window fall outside the volume."""
+    r = window // 2
+    m = None
+    for d, (sl, size) in enumerate(zip(box, spatial)):
+        idx = torch.arange(sl.start, sl.stop, device=like.device, dtype=like.dtype)
+        md = (idx + r).clamp(max=size - 1) - (idx - r).clamp(min=0) + 1
+        shape = [1] * len(spatial)
+        shape[d] = -1
+        md = md.view(shape)
+        m = md if m is None else m * md
+    return (window ** len(spatial) - m).view(1, 1, *m.shape)
+
+
+def window_sums(x: Tensor, window: int, dim: int, out: Optional[Tensor] = None) -> Tensor:
+    """Sums of every ``window`` consecutive entries along ``dim`` ("valid": ``L - window + 1``).
+
+    Doubling: ``s_2 = s_1 + shift(s_1, 1)``, ``s_4 = s_2 + shift(s_2, 2)``, ..., and a window is
+    the sum of the ``s_(2^j)`` for the binary digits of its width, so width 9 takes four
+    vectorised additions and every window sum is a balanced tree of at most ``2 log2(w)``
+    additions of its own entries: rounding is relative to the window's own values (as for a
+    convolution, unlike differences of long running sums), and all-zero windows give exactly 0.
+    """
+    n = x.shape[dim] - window + 1
+    level, width, offset, pieces = x, 1, 0, []
+    rest = window
+    while True:
+        if rest & 1:
+            pieces.append(level.narrow(dim, offset, n))
+            offset += width
+        rest >>= 1
+        if not rest:
+            break
+        length = level.shape[dim] - width
+        level = level.narrow(dim, 0, length) + level.narrow(dim, width, length)
+        width *= 2
+    if len(pieces) == 1:
+        return pieces[0].clone() if out is None else out.copy_(pieces[0])
+    result = torch.add(pieces[0], pieces[1], out=out) if out is not None else pieces[0] + pieces[1]
+    for piece in pieces[2:]:
+        result.add_(piece)
+    return result
+
+
+def box_filter(x: Tensor, window: int, out: Optional[Tensor] = None, padded: bool = False) -> Tensor:
+    """Box filter of odd width over every spatial axis of ``x`` ``(N, K, *spatial)`` with zero
+    padding ``window // 2``: a ones-kernel convolution, by :func:`window_sums` axis after axis.
+
+    ``padded=True``: ``x`` already carries the zero padding (``window - 1`` more entries per
+    axis). ``x`` is never changed.
     """
     r = window // 2
-    for d in dims:
-        n = x.shape[d]
-        if r == 0:
-            continue
-        if 2 * r + 1 >= n:  # short axis: windows reach past both ends; pad with zeros instead
-            front = x.new_zeros(*x.shape[:d], r + 1, *x.shape[d + 1:])
-            back = x.new_zeros(*x.shape[:d], r, *x.shape[d + 1:])
-            cs = torch.cat([front, x, back], dim=d).cumsum(d)
-            x = cs.narrow(d, 2 * r + 1, n) - cs.narrow(d, 0, n)
-            continue
-        cs = x.cumsum(d)
-        out = torch.empty_like(cs)
-        # left edge: windows cut by the start of the axis
-        out.narrow(d, 0, r + 1).copy_(cs.narrow(d, r, r + 1))
-        # interior
-        torch.sub(cs.narrow(d, 2 * r + 1, n - 2 * r - 1), cs.narrow(d, 0, n - 2 * r - 1),
-                  out=out.narrow(d, r + 1, n - 2 * r - 1))
-        # right edge: windows cut by the end of the axis
-        torch.sub(cs.narrow(d, n - 1, 1), cs.narrow(d, n - 2 * r - 1, r), out=out.narrow(d, n - r, r))
-        x = out
+    if not padded:
+        x = F.pad(x, [r] * (2 * (x.dim() - 2)))
+    if r == 0:
+        return x.clone() if out is None else out.copy_(x)
+    for d in range(2, x.dim()):
+        x = window_sums(x, window, d, out=out if d == x.dim() - 1 else None)
     return x
 
 
-def window_counts(spatial: Sequence[int], window: int, like: Tensor) -> Tensor:
-    """Voxels inside the volume per window, ``m(x)``, shaped to broadcast over ``(N, 1, *spatial)``."""
-    r = window // 2
-    m = None
-    for d, n in enumerate(spatial):
-        idx = torch.arange(n, device=like.device, dtype=like.dtype)
-        md = (idx + r).clamp(max=n - 1) - (idx - r).clamp(min=0) + 1
-        shape = [1] * len(spatial)
-        shape[d] = n
-        md = md.view(shape)
-        m = md if m is None else m * md
-    return m.view(1, 1, *spatial)
+class _PaddedMap:
+    """One zero-padded ``(N, 1, *spatial)`` map, refilled for each map to filter: write into
+    ``inner`` (the unpadded view), then ``filter()`` box-filters it; the border stays zero."""
 
+    def __init__(self, like: Tensor, window: int) -> None:
+        r = window // 2
+        self.window = window
+        self.buf = like.new_zeros(like.shape[0], 1, *(s + 2 * r for s in like.shape[2:]))
+        self.inner = self.buf[(slice(None), slice(None)) + tuple(slice(r, r + s) for s in like.shape[2:])]
 
-class _FastTerms:
-    """Window statistics of centred images, with the exact correction for truncated windows.
-
-    With ``I' = I - c_I`` (``c_I`` the image mean, a constant), ``a = S_I'``, ``b = S_J'``,
-    ``k = 1 - m/n`` (zero wherever the window lies inside the volume):
-
-        cross = (S_I'J' - a b / n) + k (c_J a + c_I b + c_I c_J m)
-        var_I = (S_I'I' - a² / n)  + k (2 c_I a + c_I² m)
-
-    which equals the uncentred formula exactly, but keeps float32 cancellation small when the
-    intensities carry a large offset. Variances are clamped at 0 and ``cross²`` at
-    ``var_I var_J`` (Cauchy-Schwarz), so ``0 <= cc < 1`` whatever the rounding.
-    """
-
-    def __init__(self, sums: Tensor, c_i: Tensor, c_j: Tensor, k: Tensor, m: Tensor, n: int, eps: float) -> None:
-        a, b, s_ii, s_jj, s_ij = sums.unbind(1)
-        a, b, s_ii, s_jj, s_ij = (t.unsqueeze(1) for t in (a, b, s_ii, s_jj, s_ij))
-        self.a, self.b, self.c_i, self.c_j, self.k, self.n = a, b, c_i, c_j, k, n
-        cross = s_ij - a * b / n + k * (c_j * a + c_i * b + c_i * c_j * m)
-        var_i = s_ii - a * a / n + k * (2 * c_i * a + c_i * c_i * m)
-        var_j = s_jj - b * b / n + k * (2 * c_j * b + c_j * c_j * m)
-        self.pos_i, self.pos_j = var_i > 0, var_j > 0
-        self.var_i, self.var_j = var_i.clamp_min(0), var_j.clamp_min(0)
-        self.cross = cross
-        self.prod = self.var_i * self.var_j
-        self.bounded = cross * cross <= self.prod  # False only through rounding
-        self.denom = self.prod + eps
-
-    def cc(self) -> Tensor:
-        return torch.minimum(self.cross * self.cross, self.prod) / self.denom
-
-    def grads(self, g: Tensor):
-        """d(g * cc)/d(a, b, S_I'I', S_J'J', S_I'J') per voxel."""
-        inv = 1.0 / self.denom
-        cc = self.cc()
-        # cc = min(cross², P) / (P + eps), P = var_i var_j
-        g_cross = torch.where(self.bounded, g * 2 * self.cross * inv, torch.zeros_like(inv))
-        d_prod = torch.where(self.bounded, -cc * inv, (1 - cc) * inv)  # d cc / d P
-        g_var_i = g * d_prod * self.var_j * self.pos_i
-        g_var_j = g * d_prod * self.var_i * self.pos_j
-        a, b, n, k, c_i, c_j = self.a, self.b, self.n, self.k, self.c_i, self.c_j
-        g_a = g_cross * (k * c_j - b / n) + g_var_i * 2 * (k * c_i - a / n)
-        g_b = g_cross * (k * c_i - a / n) + g_var_j * 2 * (k * c_j - b / n)
-        return g_a, g_b, g_var_i, g_var_j, g_cross
+    def filter(self, out: Optional[Tensor] = None) -> Tensor:
+        return box_filter(self.buf, self.window, out=out, padded=True)
 
 
 class _FastLNCCFunction(torch.autograd.Function):
-    """-mean(cc) from running-sum box filters of the centred images, with a hand-written backward.
+    """-mean(cc) from separable box filters of shifted images, with a hand-written backward.
 
-    i, j: ``(N, 1, *spatial)``. Saves the centred inputs and the five window sums.
+    ``i, j``: ``(N, 1, *spatial)``. The images are shifted, ``I' = I - c_I`` with ``c_I`` the
+    minimum of each image (a constant). Each of the five maps ``I', J', I'², J'², I'J'`` is
+    box-filtered on its own by :func:`box_filter`, so only one padded map and its partial
+    sums are alive at a time. The maps are zero-padded after the shift, the reference pads
+    with zeros before it; the difference, ``(n - m)`` times ``(-c_I, -c_J, c_I², c_J², c_I c_J)``
+    with ``m`` the in-volume voxels of a window, is added afterwards on the border shell
+    only. Every window then holds exactly ``n = w**ndim`` values and ``S_xy - S_x S_y / n`` is
+    unchanged by the shift: the result equals the reference formula exactly for any
+    constant ``c``. Why the minimum: the background of most medical images is the lowest and
+    the most common intensity, so it becomes exactly 0 (as in the unshifted reference, where
+    an all-background window gives exact zeros), and a large intensity offset is removed
+    before ``S_xx - S_x² / n`` can cancel it away in float32. (The image mean would remove the
+    offset too, but turns a zero background into ``-mean`` and so spoils exactly the
+    near-background windows whose small variances make ``cc`` sensitive.)
+
+    Per voxel (``a = S_I'``, ``b = S_J'``): ``cross = S_I'J' - a b / n``,
+    ``var_I = S_I'I' - a² / n``, set to 0 where it is within its own rounding error bound,
+    ``4 k u S_I'I'`` (``u`` the unit roundoff, ``k`` the roundings in the longest addition chain
+    of a window sum): a constant window, where cancellation would otherwise leave noise.
+    ``P = var_I var_J`` and ``cc = min(cross², P) / (P + eps)`` (Cauchy-Schwarz bounds
+    ``cross²`` by ``P``; only rounding can break it), so ``0 <= cc < 1``.
+
+    Backward: the zero-padded box filter's adjoint is itself, so ``d loss / d I`` is three
+    box-filtered maps of per-voxel derivatives (five when both inputs need gradients).
+    Saves the inputs, their shifts and the five per-voxel statistics.
     """
 
     @staticmethod
     def forward(ctx, i: Tensor, j: Tensor, window: int, eps: float) -> Tensor:
         dims = list(range(2, i.dim()))
+        spatial = i.shape[2:]
         n = window ** len(dims)
-        # Image means as constants: the identity above holds for any constant, so no gradient flows.
-        c_i = i.detach().mean(dim=dims, keepdim=True)
-        c_j = j.detach().mean(dim=dims, keepdim=True)
+        # Shifts as constants: the result does not depend on them, so no gradient flows.
+        c_i, c_j = i.amin(dim=dims, keepdim=True), j.amin(dim=dims, keepdim=True)
         ic, jc = i - c_i, j - c_j
-        sums = box_sum(torch.cat([ic, jc, ic * ic, jc * jc, ic * jc], dim=1), window, dims)
-        m = window_counts(i.shape[2:], window, i)
-        k = 1 - m / n
-        terms = _FastTerms(sums, c_i, c_j, k, m, n, eps)
-        loss = -terms.cc().mean()
-        ctx.save_for_backward(ic, jc, sums, c_i, c_j)
+        stats = i.new_empty(i.shape[0], 5, *spatial)
+        # (a, b, S_I'I', S_J'J', S_I'J') -> becomes (a, b, var_I, var_J, cross) in place below
+        a, b, var_i, var_j, cross = stats.split(1, dim=1)
+        pad = _PaddedMap(i, window)
+        for x, y, dst in ((ic, None, a), (jc, None, b), (ic, ic, var_i), (jc, jc, var_j), (ic, jc, cross)):
+            if y is None:
+                pad.inner.copy_(x)
+            else:
+                torch.mul(x, y, out=pad.inner)
+            pad.filter(out=dst)
+        del ic, jc, pad
+        coef = torch.cat([-c_i, -c_j, c_i * c_i, c_j * c_j, c_i * c_j], dim=1)
+        for box in _shell_boxes(spatial, window // 2):
+            stats[(slice(None), slice(None)) + box].addcmul_(coef, _outside_counts(box, spatial, window, i))
+        # roundings along a window sum's longest chain: per axis the doubling levels and the
+        # pieces added (window_sums), then the product and the border correction
+        k = len(dims) * (window.bit_length() + bin(window).count("1")) + 2
+        tiny = 4 * k * torch.finfo(i.dtype).eps / 2
+        cross.addcmul_(a, b, value=-1.0 / n)
+        for var, s in ((var_i, a), (var_j, b)):
+            noise = var * tiny
+            var.addcmul_(s, s, value=-1.0 / n)
+            var.masked_fill_(var <= noise, 0)
+            del noise
+        prod = var_i * var_j
+        cc = torch.minimum(cross * cross, prod).div_(prod.add_(eps))
+        loss = cc.mean().neg()
+        ctx.save_for_backward(i, j, c_i, c_j, stats)
         ctx.window, ctx.eps = window, eps
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        ic, jc, sums, c_i, c_j = ctx.saved_tensors
+        i, j, c_i, c_j, stats = ctx.saved_tensors
         need_i, need_j = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_i or need_j):
             return None, None, None, None
-        dims = list(range(2, ic.dim()))
-        n = ctx.window ** len(dims)
-        m = window_counts(ic.shape[2:], ctx.window, ic)
-        terms = _FastTerms(sums, c_i, c_j, 1 - m / n, m, n, ctx.eps)
-        g_a, g_b, g_ii, g_jj, g_ij = terms.grads(grad_out * (-1.0 / ic.numel()))
-        del terms
-        maps = ([g_a, g_ii] if need_i else []) + ([g_b, g_jj] if need_j else []) + [g_ij]
-        # The zero-padded symmetric box filter is self-adjoint: back-propagate with the same filter.
-        back = box_sum(torch.cat(maps, dim=1), ctx.window, dims)
-        b_ij = back[:, -1:]
-        grad_i = grad_j = None
+        w = ctx.window
+        n = w ** (i.dim() - 2)
+        a, b, var_i, var_j, cross = stats.split(1, dim=1)
+        g = grad_out / -i.numel()  # d loss / d cc per voxel
+        prod = var_i * var_j
+        inv = prod.add(ctx.eps).reciprocal_()
+        sq = cross * cross
+        bounded = sq <= prod
+        # cc = min(cross², P) / (P + eps):
+        #   d cc / d cross = 2 cross / (P + eps) where cross² <= P, else 0;
+        #   d cc / d P = -cc / (P + eps) where cross² <= P, else (1 - cc) / (P + eps).
+        d_prod = torch.minimum(sq, prod, out=sq).mul_(inv).neg_().add_(~bounded).mul_(inv).mul_(g)
+        del prod, sq
+        g_cross = (cross * inv).mul_(2 * g).masked_fill_(~bounded, 0)
+        del inv, bounded
+        ic, jc = i - c_i, j - c_j
+        pad = _PaddedMap(i, w)
+        grads = []
+        # Per input x (with y the other): var_x = S_x'x' - s_x²/n (no gradient where it was set
+        # to 0), cross = S_I'J' - a b / n; d/dx' of (x', x'², x'y') is (1, 2 x', y').
+        for need, xc, s_x, s_y, var_x, var_y in ((need_i, ic, a, b, var_i, var_j), (need_j, jc, b, a, var_j, var_i)):
+            if not need:
+                grads.append(None)
+                continue
+            g_var = torch.mul(d_prod, var_y, out=pad.inner).masked_fill_(var_x <= 0, 0)
+            grad = pad.filter().mul_(xc).mul_(2)
+            g_var.mul_(s_x).mul_(2).addcmul_(s_y, g_cross).mul_(-1.0 / n)  # now d/d s_x
+            grad.add_(pad.filter())
+            grads.append(grad)
+        del d_prod
+        pad.inner.copy_(g_cross)
+        back_cross = pad.filter()
         if need_i:
-            grad_i = back[:, 0:1] + 2 * ic * back[:, 1:2] + jc * b_ij
+            grads[0].addcmul_(jc, back_cross)
         if need_j:
-            o = 2 if need_i else 0
-            grad_j = back[:, o:o + 1] + 2 * jc * back[:, o + 1:o + 2] + ic * b_ij
-        return grad_i, grad_j, None, None
+            grads[1].addcmul_(ic, back_cross)
+        return grads[0], grads[1], None, None
 
 
 class LNCCFast(_LNCCBase):
-    """LNCC by running-sum box filters with an analytic backward (regkit's fast exact method).
+    """LNCC by separable doubling box filters with an analytic backward (regkit's fast exact
+    method; see :class:`_FastLNCCFunction`).
 
     Like every form here, half-precision inputs are computed in float32 and the result is
     float32.

@@ -3,7 +3,8 @@
 Each registered loss is a module with an ``inputs`` attribute that says what it is called on:
 
 * ``"images"``: ``loss(warped, fixed)`` (similarity terms);
-* ``"flow"``: ``loss(flow)`` (regularisers; the velocity field for diffeomorphic models);
+* ``"flow"``: ``loss(flow)`` (regularisers; the velocity field for diffeomorphic models, or
+  the displacement when the term has ``uses_displacement = True``);
 * ``"labels"``: ``loss(warped_onehot_labels, fixed_onehot_labels)`` (label supervision).
 
 Every call returns a scalar tensor; lower is better.
