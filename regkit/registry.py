@@ -29,8 +29,11 @@ class Registry:
     checkpoint can rebuild the object from plain data, through this registry only.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, build: Optional[Callable[[Callable[..., Any], Dict[str, Any]], Any]] = None) -> None:
+        """``build(fn, kwargs)``, if given, calls every registered factory (a hook for options
+        that all entries share, such as the models' ``cascades``)."""
         self.kind = kind
+        self._build = build
         self._entries: Dict[str, Callable[..., Any]] = {}
 
     def register(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None):
@@ -47,7 +50,10 @@ class Registry:
 
         @functools.wraps(fn)
         def factory(*args, **kwargs):
-            obj = fn(*args, **kwargs)
+            if args or self._build is None:
+                obj = fn(*args, **kwargs)
+            else:
+                obj = self._build(fn, dict(kwargs))
             if args:  # positional arguments cannot be recorded by name
                 return obj
             try:

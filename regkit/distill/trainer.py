@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from regkit import distributed
 from regkit.distill.losses import discrimination_terms
 from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
@@ -55,6 +56,10 @@ class DistillationTrainer(Trainer):
         self.beta, self.gamma, self.lam, self.d_steps = float(beta), float(gamma), float(lam), int(d_steps)
 
     def fit(self, model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, float]:
+        if distributed.env_world_size() > 1:
+            # The discriminator's updates are not synchronised across ranks.
+            raise InputError("experiment=distill runs in one process; launch it without torchrun "
+                             f"(WORLD_SIZE={distributed.env_world_size()})")
         self.teacher.to(self.device)
         self.discriminator.to(self.device)
         log.info("distilling %s (%s parameters) from teacher %s (%s parameters, %s)", type(model).__name__,
@@ -65,9 +70,9 @@ class DistillationTrainer(Trainer):
     def training_step(self, batch: Mapping[str, Any]) -> LossOutput:
         moving, fixed = batch["moving"], batch["fixed"]
         with self.timer.phase("forward"):
-            with torch.no_grad():
-                phi_t = self.teacher(moving, fixed).flow
-            output = self.model(moving, fixed)
+            with torch.no_grad(), self.autocast():
+                phi_t = self.teacher(moving, fixed).flow.float()
+            output = self.forward(moving, fixed)
         if phi_t.shape != output.flow.shape:
             raise InputError(f"teacher flow {tuple(phi_t.shape)} and student flow {tuple(output.flow.shape)} differ")
         with self.timer.phase("discriminator"):
@@ -90,10 +95,11 @@ class DistillationTrainer(Trainer):
         self._check_finite(losses)
         with self.timer.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            self.scaler.scale(total).backward()
         with self.timer.phase("step"):
             self.clip_gradients()
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return losses
 
     def state_dict(self) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ network's multiple and crops back, optionally integrates the field as a stationa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,15 @@ class RegistrationOutput:
             ``warped = warp(moving, flow)``.
         velocity: the stationary velocity field the flow was integrated from (diffeomorphic
             models), otherwise ``None``. Smoothness regularisers act on it when present.
+        stage_fields: for a cascade (``model.cascades=n``), each stage's own field (its
+            velocity or flow, on the fixed grid), which smoothness terms regularise stage by
+            stage; ``None`` for a single network.
     """
 
     warped: Tensor
     flow: Tensor
     velocity: Optional[Tensor] = None
+    stage_fields: Optional[List[Tensor]] = None
 
     @property
     def field(self) -> Tensor:

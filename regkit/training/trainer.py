@@ -245,20 +245,7 @@ class Trainer:
         self.timer.start_epoch()
         for batch in self.timer.iterate(loader):
             batch = self.to_device(batch)
-            with self.timer.phase("forward"):
-                output = self.forward(batch["moving"], batch["fixed"])
-            with self.timer.phase("loss"):
-                losses = self.loss_fn(output, batch)  # float32, outside autocast
-            self._check_finite(losses)
-            with self.timer.phase("backward"):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(losses.total).backward()  # DDP averages the gradients here
-            with self.timer.phase("step"):
-                if self.grad_clip_norm:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            losses = self.training_step(batch)
             self.timer.end_step(batch["moving"].shape[0])
             self.global_step += 1
             self._call("on_train_batch_end", batch=batch, losses=losses)
@@ -266,6 +253,32 @@ class Trainer:
         self.epoch += 1
         if self.scheduler is not None:
             self.scheduler.step()
+
+    def training_step(self, batch: Mapping[str, Any]) -> LossOutput:
+        """One optimisation step on a batch already on the device; returns the loss terms.
+
+        Subclasses with a different step (e.g. :class:`regkit.distill.DistillationTrainer`)
+        override this and keep the phase names, so the timing breakdown stays comparable.
+        """
+        with self.timer.phase("forward"):
+            output = self.forward(batch["moving"], batch["fixed"])
+        with self.timer.phase("loss"):
+            losses = self.loss_fn(output, batch)  # float32, outside autocast
+        self._check_finite(losses)
+        with self.timer.phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses.total).backward()  # DDP averages the gradients here
+        with self.timer.phase("step"):
+            self.clip_gradients()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return losses
+
+    def clip_gradients(self) -> None:
+        """Clip the model's gradient norm to ``grad_clip_norm`` (unscaled first under fp16)."""
+        if self.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
 
     # -- helpers ----------------------------------------------------------------------------------
     def train_loader(self) -> Iterable:
@@ -328,6 +341,9 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
 
+    def load_extra_state(self, data: Dict[str, Any]) -> None:
+        """Restore what a subclass added to :meth:`state_dict` (nothing here)."""
+
     def restore(self, path: str) -> None:
         data = load_checkpoint(path)
         want = model_spec(self.model)
@@ -349,6 +365,7 @@ class Trainer:
         self.metrics.update(data.get("metrics", {}))
         for cb in self.callbacks:
             cb.load_state_dict(data.get("callbacks", {}).get(type(cb).__name__, {}))
+        self.load_extra_state(data)
         if "rng" in data:
             torch.set_rng_state(data["rng"])
         if self.scaler.is_enabled() and data.get("scaler"):
