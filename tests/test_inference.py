@@ -179,3 +179,48 @@ def test_evaluate_at_full_resolution_and_from_a_csv(tmp_path, checkpoint):
     pairs = checkpoint.parent.parent / "pairs.csv"
     res = evaluate(checkpoint, out_dir=tmp_path / "csv", pairs_csv=pairs, with_hd95=False, device="cpu", progress=False, limit=1)
     assert len(res["rows"]) == 1 and res["rows"][0]["label_mode"] == "nearest"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_loss(tmp_path_factory, checkpoint):
+    """The same checkpoint, with the training loss a train.py run records (ncc + grad + dice)."""
+    from regkit.training.checkpoint import load_checkpoint, to_plain
+    from tests.conftest import compose
+
+    data = load_checkpoint(checkpoint)
+    loss = to_plain(compose(["loss=ncc", "+loss.terms.dice.weight=0.5"], output_dir="/tmp/x").loss)
+    data["config"] = {**data["config"], "loss": loss}
+    path = tmp_path_factory.mktemp("run_loss") / "with_loss.ckpt"
+    save_checkpoint(path, data)
+    return path
+
+
+def test_register_instance_optimisation_lowers_the_loss_and_keeps_the_checkpoint(tmp_path, scans,
+                                                                                 checkpoint_with_loss):
+    before = checkpoint_with_loss.read_bytes()
+    plain = register_files(checkpoint_with_loss, scans["moving"], scans["fixed"], tmp_path / "plain", device="cpu")
+    tuned = register_files(checkpoint_with_loss, scans["moving"], scans["fixed"], tmp_path / "tuned", device="cpu",
+                           finetune_steps=20, finetune_lr=1e-3, progress=False)
+    f = tuned["finetune"]
+    assert plain["finetune"] is None and f["steps"] == 20
+    assert f["loss_final"] < f["loss_first"] - 1e-3, f
+    assert f["terms_dropped"] == ["dice"]  # labels are never used to register
+    assert checkpoint_with_loss.read_bytes() == before
+    flow_plain = np.asanyarray(nib.load(str(tmp_path / "plain" / "flow_voxel.nii.gz")).dataobj)
+    flow_tuned = np.asanyarray(nib.load(str(tmp_path / "tuned" / "flow_voxel.nii.gz")).dataobj)
+    assert np.abs(flow_plain - flow_tuned).max() > 1e-3
+    assert json.loads((tmp_path / "tuned" / "register.json").read_text())["finetune"]["steps"] == 20
+
+
+@pytest.mark.parametrize("kwargs, match", [({"finetune_steps": -1}, "finetune_steps must be an integer >= 0"),
+                                           ({"finetune_steps": 2, "finetune_lr": 0}, "finetune_lr must be > 0")])
+def test_register_bad_finetune_options(tmp_path, scans, checkpoint_with_loss, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        register_files(checkpoint_with_loss, scans["moving"], scans["fixed"], tmp_path / "out", device="cpu", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_register_finetune_needs_the_training_loss(tmp_path, scans, checkpoint):
+    with pytest.raises(ValueError, match="no loss config, needed by --finetune-steps"):
+        register_files(checkpoint, scans["moving"], scans["fixed"], tmp_path / "out", device="cpu", finetune_steps=2)
+    assert not (tmp_path / "out").exists()
