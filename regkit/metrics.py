@@ -114,14 +114,32 @@ def dice(pred: Tensor, target: Tensor, labels: Sequence[int]) -> Tensor:
     if len(labels) == 0:
         raise InputError("dice: no labels to evaluate")
     b = p.shape[0]
-    p, t = p.reshape(b, -1), t.reshape(b, -1)
-    out = torch.empty(b, len(labels), dtype=torch.float64, device=p.device)
-    for k, lab in enumerate(labels):
-        a, c = p == lab, t == lab
-        inter = (a & c).sum(1).double()
-        size = a.sum(1).double() + c.sum(1).double()
-        out[:, k] = torch.where(size > 0, 2 * inter / size.clamp_min(1), torch.full_like(size, float("nan")))
-    return out
+    # One pass instead of one per label: map each voxel to its label's column (0 = not evaluated),
+    # then a joint histogram of (pred column, target column) per batch item gives every overlap.
+    p, t = label_columns(p.reshape(b, -1), labels), label_columns(t.reshape(b, -1), labels)
+    n = len(labels) + 1
+    offset = torch.arange(b, device=p.device).view(b, 1) * (n * n)
+    joint = torch.bincount((offset + p * n + t).reshape(-1), minlength=b * n * n).view(b, n, n)
+    inter = joint.diagonal(dim1=1, dim2=2)[:, 1:].double()
+    size = (joint.sum(2) + joint.sum(1))[:, 1:].double()  # |A| (row sums) + |B| (column sums)
+    return torch.where(size > 0, 2 * inter / size.clamp_min(1), torch.full_like(size, float("nan")))
+
+
+def label_columns(label_map: Tensor, labels: Sequence[int]) -> Tensor:
+    """``k + 1`` where ``label_map == labels[k]``, 0 elsewhere (int64, same shape)."""
+    values = torch.as_tensor([int(v) for v in labels], dtype=torch.int64, device=label_map.device)
+    if len(set(values.tolist())) != len(values):
+        raise InputError(f"labels must be distinct, got {list(labels)}")
+    x = label_map.to(torch.int64)
+    lo, hi = (int(v) for v in torch.aminmax(x)) if x.numel() else (0, 0)
+    vlo, vhi = int(values.min()), int(values.max())
+    if min(lo, vlo) >= 0 and max(hi, vhi) < 2 ** 20:  # the usual case (FreeSurfer ids < 15000): a lookup table
+        lut = torch.zeros(max(hi, vhi) + 1, dtype=torch.int64, device=x.device)
+        lut[values] = torch.arange(1, len(values) + 1, device=x.device)
+        return lut[x]
+    sorted_values, order = values.sort()
+    pos = torch.searchsorted(sorted_values, x).clamp_(max=len(values) - 1)
+    return torch.where(sorted_values[pos] == x, order[pos] + 1, torch.zeros_like(x))
 
 
 def mean_dice(pred: Tensor, target: Tensor, labels: Sequence[int]) -> Tensor:

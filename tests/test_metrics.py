@@ -19,6 +19,37 @@ def test_dice_hand_computed():
     assert d[0, 0] == 2 * 16 / 64 and d[0, 1] == 0.0 and math.isnan(d[0, 2])
 
 
+def _dice_by_definition(p, t, labels):
+    out = []
+    for lab in labels:
+        a, c = (p == lab), (t == lab)
+        size = int(a.sum() + c.sum())
+        out.append(2 * int((a & c).sum()) / size if size else math.nan)
+    return out
+
+
+# label ranges: FreeSurfer-like, negative values (searchsorted path), and a huge label value
+DICE_CASES = [(0, 70, [2, 3, 4, 7, 8, 10, 99, 5, 0]), (-5, 70, [-3, 2, 3, 4, 0, 69]), (0, 70, [3, 2 ** 21])]
+
+
+@pytest.mark.parametrize("low, high, labels, dtype", [
+    (*case, dtype) for case in DICE_CASES for dtype in (torch.int64, torch.int32, torch.uint8)
+    if not (dtype == torch.uint8 and case[0] < 0)])
+def test_dice_one_pass_equals_the_definition(low, high, labels, dtype):
+    g = torch.Generator().manual_seed(0)
+    p = torch.randint(low, high, (3, 1, 9, 10, 11), generator=g)
+    t = torch.randint(low, high, (3, 1, 9, 10, 11), generator=g)
+    got = dice(p.to(dtype), t.to(dtype), labels)
+    for b in range(3):
+        want = _dice_by_definition(p[b], t[b], labels)
+        assert np.allclose(got[b].numpy(), want, rtol=0, atol=1e-15, equal_nan=True)
+
+
+def test_dice_rejects_repeated_labels():
+    with pytest.raises(ValueError, match="distinct"):
+        dice(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4), [1, 1])
+
+
 def test_ixi_grouping_is_the_published_17():
     assert len(IXI_LABELS) == 30 and len(IXI_STRUCTURES) == 17
     members = [m for ms in IXI_STRUCTURES.values() for m in ms]
