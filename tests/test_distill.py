@@ -145,7 +145,33 @@ def test_the_student_gradient_includes_the_adversarial_term(tmp_path, data_dir, 
     assert not torch.allclose(0.3 * g1, g3, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("override, match", [("trainer.beta=1.5", "beta"), ("trainer.gamma=-0.1", "gamma"),
+def _one_step(tmp_path, data_dir, teacher_ckpt, *extra):
+    torch.manual_seed(0)
+    parts = distill_parts(tmp_path, data_dir, teacher_ckpt, *extra)
+    trainer, model = parts["trainer"], parts["model"]
+    parts["data"].setup()
+    trainer.model, trainer.loss_fn, trainer.optimizer = model, parts["loss"], parts["optimizer"]
+    trainer.train_module, trainer.timer = model, PhaseTimer(trainer.device, False, 0)
+    torch.manual_seed(1)
+    batch = trainer.to_device(next(iter(parts["data"].train_dataloader())))
+    return trainer.training_step(batch), model
+
+
+def test_flow_matching_term_and_penalty_switch(tmp_path, data_dir, teacher_ckpt):
+    base, _ = _one_step(tmp_path / "a", data_dir, teacher_ckpt, "trainer.d_steps=0")
+    fm, _ = _one_step(tmp_path / "b", data_dir, teacher_ckpt, "trainer.d_steps=0", "trainer.flow_weight=2")
+    assert torch.allclose(fm.terms["flow_match"], base.terms["flow_match"]) and base.terms["flow_match"] > 0
+    assert torch.allclose(fm.total, base.total + 2 * base.terms["flow_match"])
+    # the penalty's value is the same either way; only with penalty_to_student does it train the student
+    _, m_off = _one_step(tmp_path / "c", data_dir, teacher_ckpt, "trainer.d_steps=0", "trainer.gamma=0")
+    on, m_on = _one_step(tmp_path / "d", data_dir, teacher_ckpt, "trainer.d_steps=0", "trainer.gamma=0",
+                         "trainer.penalty_to_student=true")
+    assert on.terms["dis_penalty"] > 0
+    g_on, g_off = m_on.flow_head.weight.grad, m_off.flow_head.weight.grad
+    assert (g_on - g_off).norm() > 1e-2 * g_off.norm()  # the gradients are ~1e-10 at initialisation
+
+
+@pytest.mark.parametrize("override, match", [("trainer.beta=1.5", "beta"), ("trainer.flow_weight=-1", "flow_weight"), ("trainer.gamma=-0.1", "gamma"),
                                              ("trainer.lam=-1", "lam"), ("trainer.d_steps=-1", "d_steps")])
 def test_bad_distillation_options(tmp_path, data_dir, teacher_ckpt, override, match):
     from hydra.errors import InstantiationException

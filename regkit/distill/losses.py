@@ -12,8 +12,11 @@ never updates ``D``; here both players get real gradients:
 
 * the discriminator ascends the gap and keeps its gradient norm near 1 at ``phi_hat`` (a
   WGAN-GP-style critic): ``L_D = -|| D(phi_s) - D(phi_t) ||² + lam * GP`` with ``phi_s`` detached;
-* the student descends ``L_adv``; its gradient reaches the student through ``D(phi_s)`` and, by
-  double back-propagation, through the penalty at ``phi_hat``.
+* the student descends ``L_adv``; its gradient reaches the student through ``D(phi_s)``. The
+  penalty is in the student's ``l_dis`` (its value is the formula's), but by default it does not
+  pass a gradient to the student, as in WGAN-GP, where it regularises the critic only
+  (``penalty_to_student=True`` passes it, by double back-propagation through ``phi_hat``: the
+  formula read literally; measured on the embedded data it stalls the student, docs/distillation.md).
 """
 from __future__ import annotations
 
@@ -44,8 +47,13 @@ class DiscriminationTerms:
         return self.gap + lam * self.penalty
 
 
-def discrimination_terms(disc: nn.Module, phi_s: Tensor, phi_t: Tensor, beta: float) -> DiscriminationTerms:
+def discrimination_terms(disc: nn.Module, phi_s: Tensor, phi_t: Tensor, beta: float,
+                         penalty_to_student: bool = True) -> DiscriminationTerms:
+    """The terms of ``l_dis``; ``penalty_to_student=False`` evaluates the penalty at a detached
+    ``phi_hat`` (same value, no gradient to ``phi_s``)."""
     d_s, d_t = disc(phi_s), disc(phi_t)
     phi_hat = beta * phi_t + (1.0 - beta) * phi_s
+    if not penalty_to_student:
+        phi_hat = phi_hat.detach()
     return DiscriminationTerms(gap=((d_s - d_t) ** 2).sum(1).mean(), penalty=gradient_penalty(disc, phi_hat),
                                d_student=d_s.detach().mean(), d_teacher=d_t.detach().mean())

@@ -35,17 +35,27 @@ class DistillationTrainer(Trainer):
         d_optimizer: a partial optimizer for the discriminator's parameters.
         beta, gamma, lam: ALDK's mixing, loss-balance and penalty weights (code defaults 0.1, 0.3, 0.1).
         d_steps: discriminator steps per student step (the update ratio).
+        flow_weight: weight of a direct flow-matching term ``mean((phi_s - phi_t)²)`` (voxels²)
+            added to ``L_adv``; 0 (default) is the paper's loss. Plain knowledge distillation,
+            for comparison and for data where the adversarial term alone does not help.
+        penalty_to_student: let the gradient penalty in the student's ``l_dis`` pass a gradient
+            to the student (double back-propagation through ``phi_hat``). Off by default: the
+            penalty then regularises the discriminator only, as in WGAN-GP (see
+            ``regkit.distill.losses`` and the measurement in docs/distillation.md).
         **kwargs: :class:`Trainer` options.
     """
 
     def __init__(self, teacher_ckpt: str, discriminator: nn.Module, d_optimizer: Callable[..., torch.optim.Optimizer],
-                 beta: float = 0.1, gamma: float = 0.3, lam: float = 0.1, d_steps: int = 1, **kwargs: Any) -> None:
+                 beta: float = 0.1, gamma: float = 0.3, lam: float = 0.1, d_steps: int = 1,
+                 flow_weight: float = 0.0, penalty_to_student: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         for name, value in (("beta", beta), ("gamma", gamma)):
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"distillation: {name} must be in [0, 1], got {value}")
         if lam < 0:
             raise InputError(f"distillation: lam must be >= 0, got {lam}")
+        if flow_weight < 0:
+            raise InputError(f"distillation: flow_weight must be >= 0, got {flow_weight}")
         if d_steps < 0:
             raise InputError(f"distillation: d_steps must be >= 0, got {d_steps}")
         self.teacher_ckpt = str(teacher_ckpt)
@@ -54,6 +64,8 @@ class DistillationTrainer(Trainer):
         self.discriminator = discriminator
         self.d_optimizer = d_optimizer(self.discriminator.parameters())
         self.beta, self.gamma, self.lam, self.d_steps = float(beta), float(gamma), float(lam), int(d_steps)
+        self.penalty_to_student = bool(penalty_to_student)
+        self.flow_weight = float(flow_weight)
 
     def fit(self, model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, float]:
         if distributed.env_world_size() > 1:
@@ -86,12 +98,15 @@ class DistillationTrainer(Trainer):
             self.discriminator.requires_grad_(False)  # the student step must not move D
         with self.timer.phase("loss"):
             rec = self.loss_fn(output, batch)
-            terms = discrimination_terms(self.discriminator, output.flow, phi_t, self.beta)
+            terms = discrimination_terms(self.discriminator, output.flow, phi_t, self.beta, self.penalty_to_student)
             l_dis = terms.l_dis(self.lam)
             total = self.gamma * rec.total + (1.0 - self.gamma) * l_dis
+            flow_match = (output.flow - phi_t).pow(2).mean()
+            if self.flow_weight:
+                total = total + self.flow_weight * flow_match
         losses = LossOutput(total=total, terms={**rec.terms, "rec": rec.total, "l_dis": l_dis, "dis_gap": terms.gap,
                                                 "dis_penalty": terms.penalty, "D_student": terms.d_student,
-                                                "D_teacher": terms.d_teacher})
+                                                "D_teacher": terms.d_teacher, "flow_match": flow_match.detach()})
         self._check_finite(losses)
         with self.timer.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
