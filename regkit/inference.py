@@ -85,7 +85,7 @@ def training_spec(ckpt: dict) -> Dict[str, object]:
 def register_files(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_label=None,
                    shape_policy: str = "resample", moving_grid: str = "world", label_mode: str = "nearest",
                    labels=None, device: str = "auto", finetune_steps: int = 0,
-                   finetune_lr: float = 1e-4, progress: bool = True) -> Dict[str, object]:
+                   finetune_lr: float = 1e-3, progress: bool = True) -> Dict[str, object]:
     """Register ``moving`` to ``fixed`` and write the outputs listed in the module docstring.
 
     Every input is read and checked, and every output computed, before the first file is
@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=0,
                         help="instance optimisation: adapt the network to this pair first (Adam steps on the "
                              "training loss, images only; default 0 = off)")
-    parser.add_argument("--finetune-lr", type=float, default=1e-4, help="learning rate of --finetune-steps")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="learning rate of --finetune-steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     labels = args.labels
