@@ -56,9 +56,12 @@ def fp32_losses(tmp_path_factory, data_dir):
 
 
 # fp16 autocast on the CPU is correct but several times slower than fp32 (no fast float16 CPU
-# convolutions), so it is checked at 16^3.
+# convolutions), so it is checked at 16^3. bf16 is checked at 48^3, where VoxelMorph's bottleneck
+# is 3^3: at 32^3 (a 2^3 bottleneck) torch 2.13's CPU bfloat16 weight gradient of a 3^3 conv with
+# padding 1 on a 2-voxel input sometimes reads uninitialised memory and returns NaN (a PyTorch
+# bug, reproduced outside regkit; docs/scaling.md).
 @pytest.mark.parametrize("name, switch, shape", [
-    ("bf16", "trainer.precision=bf16", "[32,32,32]"),
+    ("bf16", "trainer.precision=bf16", "[48,48,48]"),
     ("fp16", "trainer.precision=fp16", "[16,16,16]"),
     ("channels_last", "trainer.channels_last=true", "[32,32,32]"),
 ])
