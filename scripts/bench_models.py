@@ -201,7 +201,11 @@ def device_line(args) -> str:
 
 
 def fmt_s(r: dict) -> str:
-    return r["error"] if "error" in r else f"{r['median_s']:.2f}"
+    """Seconds with two decimals, or three significant digits below 0.1 s (small test inputs)."""
+    if "error" in r:
+        return r["error"]
+    t = r["median_s"]
+    return f"{t:.2f}" if t >= 0.1 else f"{t:.3g}"
 
 
 def fmt_mem(r: dict) -> str:
