@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from regkit import distributed
+from regkit.errors import InputError
 from regkit.training.checkpoint import to_plain
 
 log = logging.getLogger("regkit")
@@ -29,8 +30,23 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
     return hydra_instantiate(node, **kwargs) if node is not None else None
 
 
+def _missing_values(node: Any, prefix: str = "") -> list:
+    """Keys whose value is still ``???`` (mandatory, not given), found without resolving."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _missing_values(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _missing_values(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
 def build(cfg: DictConfig) -> Dict[str, Any]:
     """Instantiate data, model, loss, optimizer, scheduler, callbacks, logger and trainer."""
+    from omegaconf import OmegaConf
+
+    missing = _missing_values(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        raise InputError(f"missing required value{'s' if len(missing) > 1 else ''}: {', '.join(missing)}; "
+                         f"set {'them' if len(missing) > 1 else 'it'} on the command line, e.g. {missing[0]}=...")
     seed_everything(int(cfg.seed))
     data = instantiate(cfg.dataset)
     model = instantiate(cfg.model)

@@ -180,6 +180,12 @@ def test_bad_distillation_options(tmp_path, data_dir, teacher_ckpt, override, ma
         distill_parts(tmp_path, data_dir, teacher_ckpt, override)
 
 
+def test_teacher_checkpoint_is_required(tmp_path, data_dir):
+    cfg = compose(TINY_DATA + ["experiment=distill"], output_dir=tmp_path, data_dir=data_dir)
+    with pytest.raises(InputError, match=r"missing required value: teacher.ckpt; set it on the command line"):
+        build(cfg)
+
+
 def test_missing_teacher_checkpoint_names_the_file(tmp_path, data_dir):
     from hydra.errors import InstantiationException
 
