@@ -20,7 +20,7 @@ from regkit import distributed
 from regkit.distill.losses import discrimination_terms
 from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
-from regkit.training.checkpoint import load_checkpoint, load_model
+from regkit.training.checkpoint import load_model
 from regkit.training.trainer import Trainer
 
 log = logging.getLogger("regkit")
@@ -60,7 +60,7 @@ class DistillationTrainer(Trainer):
             raise InputError(f"distillation: d_steps must be >= 0, got {d_steps}")
         self.teacher_ckpt = str(teacher_ckpt)
         self.teacher = load_model(self.teacher_ckpt).eval().requires_grad_(False)
-        self.teacher_name = load_checkpoint(self.teacher_ckpt)["model"]["name"]
+        self.teacher_name = self.teacher.regkit_spec["name"]  # rebuilt through the registry
         self.discriminator = discriminator
         self.d_optimizer = d_optimizer(self.discriminator.parameters())
         self.beta, self.gamma, self.lam, self.d_steps = float(beta), float(gamma), float(lam), int(d_steps)
@@ -108,13 +108,7 @@ class DistillationTrainer(Trainer):
                                                 "dis_penalty": terms.penalty, "D_student": terms.d_student,
                                                 "D_teacher": terms.d_teacher, "flow_match": flow_match.detach()})
         self._check_finite(losses)
-        with self.timer.phase("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-        with self.timer.phase("step"):
-            self.clip_gradients()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        self.backward_and_step(total)
         return losses
 
     def state_dict(self) -> Dict[str, Any]:

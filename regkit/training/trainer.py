@@ -265,14 +265,19 @@ class Trainer:
         with self.timer.phase("loss"):
             losses = self.loss_fn(output, batch)  # float32, outside autocast
         self._check_finite(losses)
+        self.backward_and_step(losses.total)
+        return losses
+
+    def backward_and_step(self, total: torch.Tensor) -> None:
+        """Back-propagate ``total`` (scaled under fp16; DDP averages the gradients here), clip,
+        and step the model's optimizer, timed as the ``backward`` and ``step`` phases."""
         with self.timer.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses.total).backward()  # DDP averages the gradients here
+            self.scaler.scale(total).backward()
         with self.timer.phase("step"):
             self.clip_gradients()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return losses
 
     def clip_gradients(self) -> None:
         """Clip the model's gradient norm to ``grad_clip_norm`` (unscaled first under fp16)."""
