@@ -217,18 +217,17 @@ def finetune_pair(model: torch.nn.Module, ckpt: dict, checkpoint, moving: torch.
     are being predicted, and is left out). Returns the loss before and after, for the record.
     """
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
     from tqdm.auto import tqdm
+
+    from regkit.losses.composite import CompositeLoss
 
     cfg = (ckpt.get("config") or {}).get("loss")
     if not cfg:
         raise InputError(f"{checkpoint}: the checkpoint holds no loss config, needed by --finetune-steps")
-    terms = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(cfg), resolve=False)["terms"].items()}
-    loss_fn = instantiate({"_target_": cfg["_target_"], "terms": terms}).to(moving.device)
-    dropped = [k for k, t in loss_fn.terms.items() if t.inputs == "labels"]
-    if dropped:
-        loss_fn = instantiate({"_target_": cfg["_target_"],
-                               "terms": {k: v for k, v in terms.items() if k not in dropped}}).to(moving.device)
+    trained = instantiate(cfg)  # the run's CompositeLoss (the stored config is plain, resolved data)
+    dropped = [k for k, t in trained.terms.items() if t.inputs == "labels"]
+    loss_fn = CompositeLoss({k: {"weight": trained.weights[k], "loss": t}
+                             for k, t in trained.terms.items() if k not in dropped}).to(moving.device)
     model.eval()  # deterministic: no dropout / drop-path noise while fitting one pair
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batch = {"moving": moving, "fixed": fixed}
