@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import regkit  # noqa: E402
+from proc_memory import reset_peak_rss, status_kib  # noqa: E402  (scripts/ is on sys.path when run as a script)
 from regkit.data.io import atomic_write  # noqa: E402
 
 METHODS = ("lncc", "lncc_group", "lncc_fast", "monai")
@@ -108,11 +109,7 @@ def cached_pair(shape: Sequence[int], cache: Path) -> Tuple[Dict[str, torch.Tens
 
 # ----------------------------------------------------------------------------- memory (subprocess)
 def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    return status_kib(key) / 1024
 
 
 def cap_address_space(device: torch.device, limit_gb: float) -> None:
@@ -151,8 +148,8 @@ def child_memory(method: str, data: str, device: str, window: int, limit_gb: flo
             peak = (torch.cuda.max_memory_allocated(dev) - base) / MiB
         else:
             base = _status_mib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident size
+            if not reset_peak_rss():  # VmHWM back to the current resident size
+                raise OSError("cannot reset VmHWM through /proc/self/clear_refs")
             loss(warped, fixed).backward()
             peak = _status_mib("VmHWM") - base
     except (RuntimeError, MemoryError) as err:

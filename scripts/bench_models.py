@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from doc_sections import replace_section
+from proc_memory import reset_peak_rss, status_kib
 
 SECTION = "bench_models"
 HEADING = "## Models: time and peak memory per registration (`scripts/bench_models.py`)"
@@ -51,23 +52,6 @@ GiB = 1024 ** 3
 
 
 # -- worker -------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def worker(args) -> dict:
     import torch
 
@@ -104,8 +88,8 @@ def worker(args) -> dict:
         base = torch.cuda.memory_allocated(device)
         method = "torch.cuda.max_memory_allocated"
     else:
-        reset = _reset_peak_rss()
-        base = _status_kib("VmRSS") * 1024
+        reset = reset_peak_rss()
+        base = status_kib("VmRSS") * 1024
         method = "VmHWM" if reset else "ru_maxrss"
     sync()
     t0 = time.perf_counter()
@@ -121,7 +105,7 @@ def worker(args) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     elif method == "VmHWM":
-        peak = _status_kib("VmHWM") * 1024 - base
+        peak = status_kib("VmHWM") * 1024 - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"params": model.num_parameters(), "first_s": first, "times_s": times,
