@@ -94,20 +94,31 @@ def distill_parts(tmp_path, data_dir, teacher_ckpt, *extra):
     return build(cfg)
 
 
-def test_one_step_moves_the_student_and_the_discriminator(tmp_path, data_dir, teacher_ckpt):
-    parts = distill_parts(tmp_path, data_dir, teacher_ckpt)
+def ready_step(tmp_path, data_dir, teacher_ckpt, *extra):
+    """A DistillationTrainer set up as ``fit`` would leave it before its loop, and one batch."""
+    parts = distill_parts(tmp_path, data_dir, teacher_ckpt, *extra)
     trainer, model = parts["trainer"], parts["model"]
-    assert isinstance(trainer, DistillationTrainer) and type(model).__name__ == "Student"
-    data = parts["data"]
-    data.setup()
+    parts["data"].setup()
     model.to(trainer.device)
+    trainer.teacher.to(trainer.device)
     trainer.model, trainer.loss_fn, trainer.optimizer = model, parts["loss"], parts["optimizer"]
     trainer.train_module, trainer.timer = model, PhaseTimer(trainer.device, False, 0)
-    trainer.teacher.to(trainer.device)
+    torch.manual_seed(1)
+    batch = trainer.to_device(next(iter(parts["data"].train_dataloader())))
+    return trainer, model, batch
+
+
+def _one_step(tmp_path, data_dir, teacher_ckpt, *extra):
+    trainer, model, batch = ready_step(tmp_path, data_dir, teacher_ckpt, *extra)
+    return trainer.training_step(batch), model
+
+
+def test_one_step_moves_the_student_and_the_discriminator(tmp_path, data_dir, teacher_ckpt):
+    trainer, model, batch = ready_step(tmp_path, data_dir, teacher_ckpt)
+    assert isinstance(trainer, DistillationTrainer) and type(model).__name__ == "Student"
     student_before = [p.detach().clone() for p in model.parameters()]
     teacher_before = [p.detach().clone() for p in trainer.teacher.parameters()]
     disc_before = [p.detach().clone() for p in trainer.discriminator.parameters()]
-    batch = trainer.to_device(next(iter(data.train_dataloader())))
 
     losses = trainer.training_step(batch)
 
@@ -128,33 +139,14 @@ def test_the_student_gradient_includes_the_adversarial_term(tmp_path, data_dir, 
     """With gamma = 1 (reconstruction only) the student's gradient differs from gamma = 0.3."""
     grads = {}
     for gamma in (1.0, 0.3):
-        torch.manual_seed(0)
-        parts = distill_parts(tmp_path / str(gamma), data_dir, teacher_ckpt, f"trainer.gamma={gamma}",
-                              "trainer.d_steps=0")
-        trainer, model = parts["trainer"], parts["model"]
-        parts["data"].setup()
-        trainer.model, trainer.loss_fn, trainer.optimizer = model, parts["loss"], parts["optimizer"]
-        trainer.train_module, trainer.timer = model, PhaseTimer(trainer.device, False, 0)
-        batch = trainer.to_device(next(iter(parts["data"].train_dataloader())))
-        losses = trainer.training_step(batch)
+        losses, model = _one_step(tmp_path / str(gamma), data_dir, teacher_ckpt, f"trainer.gamma={gamma}",
+                                  "trainer.d_steps=0")
         grads[gamma] = (model.flow_head.weight.grad.clone(), losses)
     g1, l1 = grads[1.0]
     g3, l3 = grads[0.3]
     # same weights and batch: the reconstruction gradient scales by gamma, the rest is l_dis's
     assert torch.allclose(l1.terms["rec"], l3.terms["rec"])
     assert not torch.allclose(0.3 * g1, g3, rtol=1e-3, atol=0)
-
-
-def _one_step(tmp_path, data_dir, teacher_ckpt, *extra):
-    torch.manual_seed(0)
-    parts = distill_parts(tmp_path, data_dir, teacher_ckpt, *extra)
-    trainer, model = parts["trainer"], parts["model"]
-    parts["data"].setup()
-    trainer.model, trainer.loss_fn, trainer.optimizer = model, parts["loss"], parts["optimizer"]
-    trainer.train_module, trainer.timer = model, PhaseTimer(trainer.device, False, 0)
-    torch.manual_seed(1)
-    batch = trainer.to_device(next(iter(parts["data"].train_dataloader())))
-    return trainer.training_step(batch), model
 
 
 def test_flow_matching_term_and_penalty_switch(tmp_path, data_dir, teacher_ckpt):
