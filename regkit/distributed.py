@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 import torch.distributed as dist
 
-from regkit.errors import InputError
+from regkit.errors import InputError, check_choice
 
 log = logging.getLogger("regkit")
 
@@ -73,8 +73,7 @@ def is_rank_zero() -> bool:
 
 # -- joining and leaving -----------------------------------------------------------------------
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise InputError(f"Unknown trainer.dist_backend '{backend}'. Valid: {', '.join(BACKENDS)}.")
+    check_choice("trainer.dist_backend", backend, BACKENDS)
     if backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from regkit.errors import InputError
+from regkit.errors import InputError, check_choice
 from regkit.metrics import FREESURFER_NAMES, dice, group_scores, hd95, jacobian_metrics
 
 log = logging.getLogger("regkit")
@@ -38,8 +38,7 @@ def warp_labels(label_map: Tensor, flow: Tensor, labels, mode: str = "nearest") 
 
     if mode == "nearest":
         return warp(label_map.double(), flow.double(), mode="nearest").round().long()
-    if mode != "linear":
-        raise InputError(f"Unknown label_mode '{mode}'. Valid: {', '.join(LABEL_MODES)}.")
+    check_choice("label_mode", mode, LABEL_MODES)
     ids = [0] + [int(v) for v in labels if v != 0]
     warped = warp(one_hot(label_map, ids, dtype=flow.dtype), flow, mode="bilinear")
     return torch.as_tensor(ids, device=flow.device)[warped.argmax(1, keepdim=True)]
@@ -146,8 +145,7 @@ def evaluate(checkpoint, split: str = "test", out_dir=None, overrides: Sequence[
     from regkit.data.module import PairData
     from regkit.training.trainer import move_to, resolve_device
 
-    if label_mode not in LABEL_MODES:
-        raise InputError(f"Unknown label_mode '{label_mode}'. Valid: {', '.join(LABEL_MODES)}.")
+    check_choice("label_mode", label_mode, LABEL_MODES)
     dev = resolve_device(device)
     model, ckpt, cfg = load_run(checkpoint, overrides, "cpu")
     model.to(dev)

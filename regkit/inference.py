@@ -43,7 +43,7 @@ from regkit.data.io import Volume, atomic_write, load_volume, save_nifti
 from regkit.data.module import affine_mismatch
 from regkit.data.pairs import NORMALIZATIONS, normalize_intensity
 from regkit.data.resample import resample_to_grid, resize_volume
-from regkit.errors import InputError
+from regkit.errors import InputError, check_choice
 from regkit.evaluation import LABEL_MODES, warp_labels
 from regkit.metrics import dice, jacobian_metrics, resolve_labels
 from regkit.spatial import jacobian_determinant, resize_flow, warp
@@ -95,12 +95,9 @@ def register_files(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_
     from regkit.training.checkpoint import load_checkpoint, load_model
     from regkit.training.trainer import resolve_device
 
-    if shape_policy not in SHAPE_POLICIES:
-        raise InputError(f"Unknown shape policy '{shape_policy}'. Valid: {', '.join(SHAPE_POLICIES)}.")
-    if moving_grid not in MOVING_GRIDS:
-        raise InputError(f"Unknown moving grid '{moving_grid}'. Valid: {', '.join(MOVING_GRIDS)}.")
-    if label_mode not in LABEL_MODES:
-        raise InputError(f"Unknown label_mode '{label_mode}'. Valid: {', '.join(LABEL_MODES)}.")
+    check_choice("shape policy", shape_policy, SHAPE_POLICIES)
+    check_choice("moving grid", moving_grid, MOVING_GRIDS)
+    check_choice("label_mode", label_mode, LABEL_MODES)
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise InputError(f"finetune_steps must be an integer >= 0, got {finetune_steps!r}")
     if not finetune_lr > 0:

@@ -13,7 +13,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from regkit.errors import InputError
+from regkit.errors import InputError, check_choice
 from regkit.spatial import jacobian_determinant
 
 # The 30 FreeSurfer structures evaluated on IXI (TransMorph protocol).
@@ -70,8 +70,7 @@ def resolve_labels(labels) -> Optional[Tuple[int, ...]]:
     if labels is None:
         return None
     if isinstance(labels, str):
-        if labels not in LABEL_SETS:
-            raise InputError(f"Unknown label set '{labels}'. Valid: {', '.join(LABEL_SETS)} (or a list of label values).")
+        check_choice("label set", labels, LABEL_SETS)  # or a list of label values
         return LABEL_SETS[labels]
     return tuple(int(v) for v in labels)
 
@@ -81,8 +80,7 @@ def resolve_groups(groups) -> Optional[Dict[str, Tuple[int, ...]]]:
     if groups is None:
         return None
     if isinstance(groups, str):
-        if groups not in LABEL_GROUPS:
-            raise InputError(f"Unknown label grouping '{groups}'. Valid: {', '.join(LABEL_GROUPS)} (or a mapping name -> labels).")
+        check_choice("label grouping", groups, LABEL_GROUPS)  # or a mapping name -> labels
         return dict(LABEL_GROUPS[groups])
     return {str(k): tuple(int(v) for v in vs) for k, vs in dict(groups).items()}
 

@@ -6,18 +6,10 @@ same word selects it on the command line (``model=vxm1``) and in Python
 """
 from __future__ import annotations
 
-import difflib
 import functools
 from typing import Any, Callable, Dict, List, Optional
 
-from regkit.errors import InputError
-
-
-def unknown_name_message(kind: str, name: str, valid: List[str]) -> str:
-    """One line naming the bad value, the closest valid one and all valid ones."""
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"Unknown {kind} '{name}'.{hint} Valid {kind}s: {', '.join(valid)}."
+from regkit.errors import InputError, unknown_choice_message
 
 
 class Registry:
@@ -68,7 +60,7 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         if not isinstance(name, str) or name not in self._entries:
-            raise InputError(unknown_name_message(self.kind, str(name), self.names()))
+            raise InputError(unknown_choice_message(self.kind, name, self.names()))
         return self._entries[name]
 
     def create(self, name: str, **overrides: Any) -> Any:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regkit.errors import InputError
+from regkit.errors import InputError, check_choice
 
 _MODES = {"bilinear": "bilinear", "linear": "bilinear", "trilinear": "bilinear", "nearest": "nearest"}
 _PADDING = ("zeros", "border", "reflection")
@@ -91,10 +91,8 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
         ``(B, C, *spatial)`` in the dtype of ``image``. Half-precision fields are sampled in
         float32, also under autocast: sampling positions need the precision.
     """
-    if mode not in _MODES:
-        raise InputError(f"Unknown warp mode '{mode}'. Valid modes: {', '.join(_MODES)}.")
-    if padding_mode not in _PADDING:
-        raise InputError(f"Unknown padding_mode '{padding_mode}'. Valid: {', '.join(_PADDING)}.")
+    check_choice("warp mode", mode, _MODES)
+    check_choice("padding_mode", padding_mode, _PADDING)
     _check_field(image, flow)
     if flow.shape[0] != image.shape[0]:
         flow = flow.expand(image.shape[0], *flow.shape[1:])
@@ -121,10 +119,8 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros") -> None:
         super().__init__()
-        if mode not in _MODES:
-            raise InputError(f"Unknown warp mode '{mode}'. Valid modes: {', '.join(_MODES)}.")
-        if padding_mode not in _PADDING:
-            raise InputError(f"Unknown padding_mode '{padding_mode}'. Valid: {', '.join(_PADDING)}.")
+        check_choice("warp mode", mode, _MODES)
+        check_choice("padding_mode", padding_mode, _PADDING)
         self.mode = mode
         self.padding_mode = padding_mode
 

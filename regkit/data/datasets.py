@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 from regkit.data.io import VOLUME_SUFFIXES
 from regkit.data.module import PairData
 from regkit.data.pairs import Pair
-from regkit.errors import InputError, MissingFileError
+from regkit.errors import InputError, MissingFileError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class IXIData(PairData):
     def __init__(self, root, atlas: str = "atlas.nii.gz", atlas_label: Optional[str] = "atlas_label.nii.gz",
                  direction: str = "atlas_to_subject", shape: Optional[Sequence[int]] = IXI_SHAPE,
                  splits: Sequence[str] = ("train", "val", "test"), **kwargs) -> None:
-        if direction not in DIRECTIONS:
-            raise InputError(f"Unknown direction '{direction}'. Valid: {', '.join(DIRECTIONS)}.")
+        check_choice("direction", direction, DIRECTIONS)
         kwargs.setdefault("eval_labels", "ixi")
         kwargs.setdefault("label_groups", "ixi")
         kwargs.setdefault("normalize", "none")
@@ -140,8 +139,7 @@ class Learn2RegData(PairData):
     """
 
     def __init__(self, json, train_pairing: str = "auto", pairs_per_image: int = 4, **kwargs) -> None:
-        if train_pairing not in TRAIN_PAIRINGS:
-            raise InputError(f"Unknown train_pairing '{train_pairing}'. Valid: {', '.join(TRAIN_PAIRINGS)}.")
+        check_choice("train_pairing", train_pairing, TRAIN_PAIRINGS)
         if pairs_per_image < 1:
             raise InputError(f"pairs_per_image must be >= 1, got {pairs_per_image}")
         super().__init__(train=None, **kwargs)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from regkit.data.io import load_volume
 from regkit.data.pairs import NORMALIZATIONS, EpochSampler, Pair, PairDataset, read_pairs_csv
 from regkit.distributed import train_sampler
-from regkit.errors import InputError, MissingFileError
+from regkit.errors import InputError, MissingFileError, check_choice
 from regkit.metrics import resolve_groups, resolve_labels
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,11 @@ class PairData:
                  label_groups: Union[None, str, Mapping[str, Sequence[int]]] = None,
                  shape: Optional[Sequence[int]] = None, resize: Optional[Sequence[int]] = None,
                  affine_check: str = "error", validate: str = "full", seed: int = 0, root=None) -> None:
-        if validate not in VALIDATE_LEVELS:
-            raise InputError(f"Unknown validate '{validate}'. Valid: {', '.join(VALIDATE_LEVELS)}.")
-        if affine_check not in AFFINE_CHECKS:
-            raise InputError(f"Unknown affine_check '{affine_check}'. Valid: {', '.join(AFFINE_CHECKS)}.")
+        check_choice("validate", validate, VALIDATE_LEVELS)
+        check_choice("affine_check", affine_check, AFFINE_CHECKS)
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        if normalize not in NORMALIZATIONS:
-            raise InputError(f"Unknown normalize '{normalize}'. Valid: {', '.join(NORMALIZATIONS)}.")
+        check_choice("normalize", normalize, NORMALIZATIONS)
         for name, size in (("shape", shape), ("resize", resize)):
             if size is not None and (len(size) not in (2, 3) or any(int(s) < 2 for s in size)):
                 raise InputError(f"{name} must be 2 or 3 sizes >= 2, got {list(size)}")
@@ -189,8 +186,7 @@ class PairData:
 
     def dataloader(self, split: str) -> Optional[DataLoader]:
         """The loader of ``split`` (``train`` shuffled, ``val``/``test`` in order, batch 1)."""
-        if split not in self.sources:
-            raise InputError(f"Unknown split '{split}'. Valid: {', '.join(self.sources)}.")
+        check_choice("split", split, self.sources)
         return self.train_dataloader() if split == "train" else self._eval_loader(split)
 
     @property

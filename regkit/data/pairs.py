@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from regkit.data.io import PathLike, load_volume
-from regkit.errors import InputError, MissingFileError
+from regkit.errors import InputError, MissingFileError, check_choice
 
 NORMALIZATIONS = ("none", "minmax", "percentile", "zscore")
 
@@ -89,6 +89,7 @@ def write_pairs_csv(path: PathLike, pairs: Sequence[Pair], relative_to: Optional
 def normalize_intensity(x: np.ndarray, method: str) -> np.ndarray:
     """Intensity normalisation: ``none``, ``minmax`` (to [0, 1]), ``percentile`` (clip to the
     0.5-99.5 percentiles, then to [0, 1]) or ``zscore`` (over nonzero voxels)."""
+    check_choice("normalize", method, NORMALIZATIONS)
     if method == "none":
         return x
     if method == "minmax":
@@ -96,12 +97,10 @@ def normalize_intensity(x: np.ndarray, method: str) -> np.ndarray:
     elif method == "percentile":
         lo, hi = np.percentile(x, [0.5, 99.5])
         x = np.clip(x, lo, hi)
-    elif method == "zscore":
+    else:  # zscore
         fg = x[x != 0] if np.any(x != 0) else x
         mean, std = float(fg.mean()), float(fg.std())
         return (x - mean) / (std if std > 0 else 1.0)
-    else:
-        raise InputError(f"Unknown normalize '{method}'. Valid: {', '.join(NORMALIZATIONS)}.")
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
@@ -118,8 +117,7 @@ class PairDataset(Dataset):
 
     def __init__(self, pairs: Sequence[Pair], normalize: str = "minmax", cache: bool = False,
                  resize: Optional[Sequence[int]] = None) -> None:
-        if normalize not in NORMALIZATIONS:
-            raise InputError(f"Unknown normalize '{normalize}'. Valid: {', '.join(NORMALIZATIONS)}.")
+        check_choice("normalize", normalize, NORMALIZATIONS)
         self.pairs = list(pairs)
         self.normalize = normalize
         self.cache = cache

@@ -14,15 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from regkit.errors import InputError
+from regkit.errors import InputError, check_choice
 
 MODES = ("bilinear", "nearest")
 
 
 def _sample(image: Tensor, coords: Tensor, mode: str, padding_mode: str) -> Tensor:
     """Sample ``image`` ``(B, C, *in)`` at voxel coordinates ``coords`` ``(ndim, *out)``."""
-    if mode not in MODES:
-        raise InputError(f"Unknown resampling mode '{mode}'. Valid: {', '.join(MODES)}.")
+    check_choice("resampling mode", mode, MODES)
     ndim = coords.shape[0]
     in_shape = image.shape[2:]
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in in_shape], dtype=coords.dtype, device=coords.device)

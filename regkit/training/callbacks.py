@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from regkit import distributed
-from regkit.errors import InputError
+from regkit.errors import InputError, check_choice
 from regkit.losses.composite import LossOutput
 from regkit.evaluation import LABEL_MODES, pair_metrics, warp_labels  # noqa: F401 (warp_labels re-exported)
 from regkit.spatial import warp
@@ -84,8 +84,7 @@ class Validation(Callback):
     def __init__(self, every_n_epochs: int = 1, label_mode: str = "nearest", before_training: bool = True,
                  max_pairs: Optional[int] = None, log_images: bool = True, jacobian: bool = True,
                  hd95: bool = False) -> None:
-        if label_mode not in LABEL_MODES:
-            raise InputError(f"Unknown label_mode '{label_mode}'. Valid: {', '.join(LABEL_MODES)}.")
+        check_choice("label_mode", label_mode, LABEL_MODES)
         self.every_n_epochs, self.label_mode = int(every_n_epochs), label_mode
         self.before_training, self.max_pairs, self.log_images = before_training, max_pairs, log_images
         self.jacobian, self.hd95 = bool(jacobian), bool(hd95)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from regkit import distributed
-from regkit.errors import InputError
+from regkit.errors import InputError, check_choice
 from regkit.losses.composite import LossOutput
 from regkit.training.checkpoint import load_checkpoint, model_spec, to_plain
 from regkit.training.loggers import Logger
@@ -47,8 +47,7 @@ def resolve_device(device: str) -> torch.device:
 
 def check_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for ``trainer.precision`` (``None`` for fp32), or a clear error."""
-    if precision not in PRECISIONS:
-        raise InputError(f"Unknown trainer.precision '{precision}'. Valid: {', '.join(PRECISIONS)}.")
+    check_choice("trainer.precision", precision, PRECISIONS)
     dtype = PRECISIONS[precision]
     if dtype is None:
         return None
