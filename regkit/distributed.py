@@ -26,6 +26,8 @@ from typing import Any, Dict, Iterator, List
 import torch
 import torch.distributed as dist
 
+from regkit.device import (env_local_rank, env_rank, env_world_size, launched_by_torchrun,  # noqa: F401
+                           resolve_device)
 from regkit.errors import InputError, check_choice
 
 log = logging.getLogger("regkit")
@@ -34,25 +36,6 @@ BACKENDS = ("auto", "gloo", "nccl")
 
 
 # -- where am I --------------------------------------------------------------------------------
-def env_world_size() -> int:
-    """``WORLD_SIZE`` as set by torchrun (1 without it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def env_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def launched_by_torchrun() -> bool:
-    """True for a process that torchrun (or another launcher with its env contract) started
-    as one of several: ``WORLD_SIZE > 1`` and ``LOCAL_RANK`` set."""
-    return "LOCAL_RANK" in os.environ and env_world_size() > 1
-
-
 def is_distributed() -> bool:
     """A process group with more than one rank is active."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -207,8 +190,6 @@ class HydraRunDir(_HydraCallback):
     def _join(self) -> bool:
         if not launched_by_torchrun():
             return False
-        from regkit.training.trainer import resolve_device
-
         self.created = setup(resolve_device(self.device), self.backend, self.timeout_min) or self.created
         return True
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from regkit.device import move_to, resolve_device
 from regkit.errors import InputError, check_choice
 from regkit.metrics import FREESURFER_NAMES, dice, group_scores, hd95, jacobian_metrics
 
@@ -143,7 +144,6 @@ def evaluate(checkpoint, split: str = "test", out_dir=None, overrides: Sequence[
 
     from regkit.data.io import atomic_write
     from regkit.data.module import PairData
-    from regkit.training.trainer import move_to, resolve_device
 
     check_choice("label_mode", label_mode, LABEL_MODES)
     dev = resolve_device(device)

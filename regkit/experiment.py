@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np

@@ -43,6 +43,7 @@ from regkit.data.io import Volume, atomic_write, load_volume, save_nifti
 from regkit.data.module import affine_mismatch
 from regkit.data.pairs import NORMALIZATIONS, normalize_intensity
 from regkit.data.resample import resample_to_grid, resize_volume
+from regkit.device import resolve_device
 from regkit.errors import InputError, check_choice
 from regkit.evaluation import LABEL_MODES, warp_labels
 from regkit.metrics import dice, jacobian_metrics, resolve_labels
@@ -93,7 +94,6 @@ def register_files(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_
     ``register.json`` (paths, options, metrics).
     """
     from regkit.training.checkpoint import load_checkpoint, load_model
-    from regkit.training.trainer import resolve_device
 
     check_choice("shape policy", shape_policy, SHAPE_POLICIES)
     check_choice("moving grid", moving_grid, MOVING_GRIDS)

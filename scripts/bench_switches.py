@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from regkit import create_loss, create_model  # noqa: E402
 from regkit.data.io import atomic_write  # noqa: E402
-from regkit.training.trainer import PRECISIONS, memory_format  # noqa: E402
+from regkit.device import PRECISIONS, memory_format  # noqa: E402
 
 BEGIN, END = "<!-- bench_switches:begin -->", "<!-- bench_switches:end -->"
 # name: (precision, channels_last, compile)

@@ -212,7 +212,7 @@ def test_single_process_is_untouched(monkeypatch):
 
 
 def test_distributed_errors_are_clear(monkeypatch):
-    from regkit.training.trainer import resolve_device
+    from regkit.device import resolve_device
 
     with pytest.raises(ValueError, match="Unknown trainer.dist_backend 'mpi'. Valid: auto, gloo, nccl"):
         distributed.resolve_backend("mpi", torch.device("cpu"))

@@ -8,9 +8,8 @@ import time
 import pytest
 import torch
 
-from regkit.experiment import build
 from regkit.training.timing import PhaseTimer
-from tests.conftest import ROOT, TINY_DATA, compose
+from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import summarize_timing  # noqa: E402

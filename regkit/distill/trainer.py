@@ -11,7 +11,7 @@ optionally with smoothness terms). See ``regkit.distill.losses`` for the formula
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping
 
 import torch
 from torch import nn

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 

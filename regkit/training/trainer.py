@@ -3,7 +3,6 @@ callbacks; the loop itself only moves data, runs the model, the loss, backward a
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -11,64 +10,14 @@ import torch
 from torch import nn
 
 from regkit import distributed
-from regkit.errors import InputError, check_choice
+from regkit.device import check_precision, memory_format, move_to, resolve_device
+from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
 from regkit.training.checkpoint import load_checkpoint, model_spec, to_plain
 from regkit.training.loggers import Logger
 from regkit.training.timing import EpochTiming, PhaseTimer
 
 log = logging.getLogger(__name__)
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA if available, else CPU. Under torchrun a CUDA device is ``cuda:LOCAL_RANK``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"Unknown device '{device}'. Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' requested but CUDA is not available (torch {torch.__version__})")
-    if dev.type == "cuda" and distributed.launched_by_torchrun():
-        if dev.index is not None:
-            raise InputError(f"device '{device}': under torchrun each process uses cuda:LOCAL_RANK; set "
-                             f"trainer.device=cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
-        local = distributed.env_local_rank()
-        if local >= torch.cuda.device_count():
-            raise InputError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
-                             f"lower --nproc_per_node")
-        dev = torch.device("cuda", local)
-    return dev
-
-
-def check_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``trainer.precision`` (``None`` for fp32), or a clear error."""
-    check_choice("trainer.precision", precision, PRECISIONS)
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return None
-    if not torch.amp.is_autocast_available(device.type):
-        raise InputError(f"trainer.precision={precision}: torch {torch.__version__} has no autocast on {device.type}")
-    if dtype == torch.float16 and device.type == "cpu":
-        log.warning("trainer.precision=fp16 on the CPU is correct but slow (no fast float16 CPU convolutions; "
-                    "see docs/scaling.md); bf16 is the CPU's reduced precision")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise InputError(f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 "
-                         f"(Ampere or newer); use fp16")
-    return dtype
-
-
-def memory_format(ndim: int) -> torch.memory_format:
-    """channels-last layout for 2-D (NHWC) or 3-D (NDHWC) images."""
-    return torch.channels_last_3d if ndim == 3 else torch.channels_last
-
-
-def move_to(batch: Mapping[str, Any], device: torch.device) -> Dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class Callback:
