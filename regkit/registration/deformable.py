@@ -40,7 +40,7 @@ from regkit.losses.registry import create_loss
 from regkit.registration.pyramid import image_pyramid, level_shape
 from regkit.registration.result import DeformableResult, StageRecord
 from regkit.registration.smoothing import gaussian_smooth
-from regkit.spatial import resize_flow, warp
+from regkit.spatial import compose_flows, resize_flow, warp
 
 
 def check_pair(moving: Tensor, fixed: Tensor, what: str = "registration") -> int:
@@ -174,7 +174,12 @@ class DeformableRegistration:
         beta1, beta2: Adam's moment decays.
         tolerance, patience: stop a level when the loss improved by less than
             ``tolerance · |loss|`` over the last ``patience`` iterations (0 disables).
-        inverse: also compute the inverse field (``DeformableResult.inverse_flow``).
+        inverse: also compute the inverse field (``DeformableResult.inverse_flow``) by
+            ``inverse_iterations`` fixed-point iterations (:func:`invert_flow`).
+        symmetric: optimise two half-way maps instead of one, ``moving ∘ ψ_m`` against
+            ``fixed ∘ ψ_f`` (SyN's symmetric form, each map greedy as above); the result is
+            ``φ = ψ_m ∘ ψ_f⁻¹`` and, with ``inverse``, ``φ⁻¹ = ψ_f ∘ ψ_m⁻¹`` (about 1.7× the
+            cost per iteration, plus the inversions).
         antialias: image pyramid's Gaussian, ``sigma = antialias · (factor - 1)`` voxels.
         progress: show a tqdm bar.
         name: the stage name in the records (``"deformable"``, ``"refine"``).
@@ -184,8 +189,9 @@ class DeformableRegistration:
                  loss: str = "lncc_fast", loss_kwargs: Optional[Mapping[str, Any]] = None,
                  regularizers: Optional[Mapping[str, Any]] = None, step: Any = 0.25,
                  grad_sigma: Any = 1.0, field_sigma: Any = 0.5, beta1: float = 0.9, beta2: float = 0.99,
-                 tolerance: float = 0.0, patience: int = 10, inverse: bool = False, inverse_iterations: int = 30,
-                 antialias: float = 0.5, progress: bool = True, name: str = "deformable") -> None:
+                 tolerance: float = 0.0, patience: int = 10, inverse: bool = False, inverse_iterations: int = 20,
+                 symmetric: bool = False, antialias: float = 0.5, progress: bool = True,
+                 name: str = "deformable") -> None:
         self.levels = [float(f) for f in levels]
         if not self.levels:
             raise InputError(f"{name}: at least one pyramid level is needed")
@@ -211,15 +217,19 @@ class DeformableRegistration:
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.tolerance, self.patience = float(tolerance), int(patience)
         self.inverse, self.inverse_iterations = bool(inverse), int(inverse_iterations)
+        self.symmetric = bool(symmetric)
         self.antialias = float(antialias)
         self.progress = progress
         self.name = name
 
     # -- the loss of one level ------------------------------------------------------------------
-    def _loss(self, moving: Tensor, fixed: Tensor, u: Tensor) -> Tensor:
-        total = self.similarity(warp(moving, u), fixed)
+    def _loss(self, moving: Tensor, fixed: Tensor, u: Tensor, u_fixed: Optional[Tensor] = None) -> Tensor:
+        """Similarity of the warped pair plus the weighted regularisers of every field."""
+        target = fixed if u_fixed is None else warp(fixed, u_fixed)
+        total = self.similarity(warp(moving, u), target)
         for _, weight, term in self.regularizers:
-            total = total + weight * term(u)
+            for field in (u,) if u_fixed is None else (u, u_fixed):
+                total = total + weight * term(field)
         return total
 
     def __call__(self, moving: Tensor, fixed: Tensor, init_flow: Optional[Tensor] = None) -> DeformableResult:
@@ -247,28 +257,32 @@ class DeformableRegistration:
         self.similarity = similarity
         ndim = len(full)
 
-        u = None
+        # One field (moving -> fixed), or two half-way fields in symmetric mode (index 0 warps
+        # the moving image, index 1 the fixed image).
+        fields: List[Optional[Tensor]] = [None, None] if self.symmetric else [None]
         records: List[StageRecord] = []
         bar = tqdm(total=sum(self.iterations), desc=self.name, disable=not self.progress, leave=False)
         try:
             for li, (factor, shape) in enumerate(zip(self.levels, shapes)):
                 start = time.perf_counter()
-                if u is None:
-                    u = (resize_flow(init_flow.to(dtype), shape) if init_flow is not None
-                         else fixed.new_zeros(1, ndim, *shape))
-                else:
-                    u = resize_flow(u, shape)
-                u = u.detach().contiguous()
-                opt = GreedyOptimizer(u.shape, u, self.step[li], self.grad_sigma[li], self.field_sigma[li],
-                                      self.beta1, self.beta2)
+                for k, u in enumerate(fields):
+                    if u is None:
+                        u = (resize_flow(init_flow.to(dtype), shape) if init_flow is not None and k == 0
+                             else fixed.new_zeros(1, ndim, *shape))
+                    else:
+                        u = resize_flow(u, shape)
+                    fields[k] = u.detach().contiguous()
+                opts = [GreedyOptimizer(u.shape, u, self.step[li], self.grad_sigma[li], self.field_sigma[li],
+                                        self.beta1, self.beta2) for u in fields]
                 m_l, f_l = moving_pyr[li], fixed_pyr[li]
                 losses: List[Tensor] = []
                 done = 0
                 for it in range(self.iterations[li]):
-                    u.requires_grad_(True)
-                    loss = self._loss(m_l, f_l, u)
-                    (grad,) = torch.autograd.grad(loss, u)
-                    u = opt.update(u.detach(), grad)
+                    for u in fields:
+                        u.requires_grad_(True)
+                    loss = self._loss(m_l, f_l, *fields)
+                    grads = torch.autograd.grad(loss, fields)
+                    fields = [opt.update(u.detach(), g) for opt, u, g in zip(opts, fields, grads)]
                     losses.append(loss.detach())
                     done += 1
                     bar.update(1)
@@ -283,17 +297,30 @@ class DeformableRegistration:
                     name=self.name, level=int(factor) if factor.is_integer() else factor, shape=list(shape),
                     iterations=done, losses=values, seconds=time.perf_counter() - start,
                     extra={"step": self.step[li], "grad_sigma": self.grad_sigma[li],
-                           "field_sigma": self.field_sigma[li], "loss": self.loss_name}))
+                           "field_sigma": self.field_sigma[li], "loss": self.loss_name,
+                           "symmetric": self.symmetric}))
         finally:
             bar.close()
 
-        flow = resize_flow(u.detach(), full).float()
+        fields = [resize_flow(u.detach(), full).float() for u in fields]
         inverse = None
-        if self.inverse:
-            start = time.perf_counter()
-            inverse = invert_flow(flow, self.inverse_iterations)
-            records.append(StageRecord(name=f"{self.name}-inverse", level=1, shape=full,
-                                       iterations=self.inverse_iterations, seconds=time.perf_counter() - start))
+        start = time.perf_counter()
+        if self.symmetric:
+            # phi = psi_m o psi_f^-1 and phi^-1 = psi_f o psi_m^-1, from the two half-way maps.
+            u_m, u_f = fields
+            w_f = invert_flow(u_f, self.inverse_iterations)
+            flow = compose_flows(u_m, w_f)
+            if self.inverse:
+                inverse = compose_flows(u_f, invert_flow(u_m, self.inverse_iterations))
+            records.append(StageRecord(name=f"{self.name}-compose", level=1, shape=full,
+                                       iterations=self.inverse_iterations * (2 if self.inverse else 1),
+                                       seconds=time.perf_counter() - start))
+        else:
+            flow = fields[0]
+            if self.inverse:
+                inverse = invert_flow(flow, self.inverse_iterations)
+                records.append(StageRecord(name=f"{self.name}-inverse", level=1, shape=full,
+                                           iterations=self.inverse_iterations, seconds=time.perf_counter() - start))
         return DeformableResult(flow=flow, inverse_flow=inverse, stages=records)
 
     def _converged(self, losses: List[Tensor]) -> bool:
@@ -308,4 +335,4 @@ class DeformableRegistration:
                 "loss_kwargs": self.loss_kwargs, "regularizers": self.regularizer_spec, "step": self.step,
                 "grad_sigma": self.grad_sigma, "field_sigma": self.field_sigma, "beta1": self.beta1,
                 "beta2": self.beta2, "tolerance": self.tolerance, "patience": self.patience,
-                "inverse": self.inverse, "antialias": self.antialias}
+                "inverse": self.inverse, "symmetric": self.symmetric, "antialias": self.antialias}

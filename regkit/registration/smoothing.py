@@ -17,7 +17,6 @@ import math
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from regkit.errors import InputError, check_choice
@@ -50,6 +49,30 @@ def _sigmas(sigma: Union[float, Sequence[float]], ndim: int) -> list:
     return sig
 
 
+def _filter_axis(y: Tensor, w: list, dim: int, padding: str) -> Tensor:
+    """``y`` filtered along ``dim`` by the symmetric kernel ``w`` (odd length ``2r + 1``).
+
+    No padded copy: the centre tap is one multiplication, each other tap an in-place
+    addition of a shifted slice into the overlapping slice of the result; for ``replicate``
+    the taps that fall outside add their weight times the edge value on the ``r`` edge slices."""
+    r = len(w) // 2
+    n = y.shape[dim]
+    acc = y * w[r]
+    for k in range(1, r + 1):
+        if k >= n:
+            break
+        acc.narrow(dim, k, n - k).add_(y.narrow(dim, 0, n - k), alpha=w[r + k])   # tap x - k
+        acc.narrow(dim, 0, n - k).add_(y.narrow(dim, k, n - k), alpha=w[r - k])   # tap x + k
+    if padding == "replicate":
+        first, last = y.narrow(dim, 0, 1), y.narrow(dim, n - 1, 1)
+        for i in range(min(r, n)):
+            # voxel i misses the taps x - k for k > i (left); voxel n-1-i the taps x + k for k > i
+            missing = sum(w[r + k] for k in range(i + 1, r + 1))
+            acc.narrow(dim, i, 1).add_(first, alpha=missing)
+            acc.narrow(dim, n - 1 - i, 1).add_(last, alpha=missing)
+    return acc
+
+
 def gaussian_smooth(x: Tensor, sigma: Union[float, Sequence[float]], truncate: float = 3.0,
                     padding: str = "replicate", out: Optional[Tensor] = None) -> Tensor:
     """Gaussian-smooth every channel of ``x`` ``(B, C, *spatial)`` (2 or 3 spatial dims).
@@ -76,22 +99,7 @@ def gaussian_smooth(x: Tensor, sigma: Union[float, Sequence[float]], truncate: f
         if s == 0:
             continue
         w = gaussian_kernel1d(s, truncate, dtype=torch.float64).tolist()
-        r = len(w) // 2
-        dim = 2 + d
-        n = y.shape[dim]
-        pad = [0, 0] * ndim
-        # F.pad lists pads from the last axis backwards.
-        pad[2 * (ndim - 1 - d)] = r
-        pad[2 * (ndim - 1 - d) + 1] = r
-        if padding == "replicate":
-            yp = F.pad(y, pad, mode="replicate")
-        else:
-            yp = F.pad(y, pad)
-        # Symmetric kernel: pair the taps k and 2r - k, one multiply per pair.
-        acc = yp.narrow(dim, r, n) * w[r]
-        for k in range(r):
-            acc.add_(yp.narrow(dim, k, n) + yp.narrow(dim, 2 * r - k, n), alpha=w[k])
-        y = acc
+        y = _filter_axis(y, w, 2 + d, padding)
     if out is not None:
         out.copy_(y)
         return out
