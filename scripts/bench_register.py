@@ -15,6 +15,7 @@ extra's antspyx, itk-elastix and fireants; default: ./.peers-venv/bin/python whe
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,19 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import torch  # noqa: E402
 from doc_sections import replace_section  # noqa: E402  (scripts/ is on sys.path)
 from regkit.errors import RegkitError  # noqa: E402
 from regkit.registration import benchmark  # noqa: E402
+from regkit.training import load_model  # noqa: E402
 
 SECTION = "bench_register"
 
 
 def network_predictor(checkpoint: str):
     """``(moving, fixed) -> flow`` of a trained regkit network (checkpoint loaded weights-only)."""
-    import torch
-
-    from regkit.training import load_model
-
     model = load_model(checkpoint, map_location="cpu").eval()
 
     def predict(moving, fixed):
@@ -57,10 +56,19 @@ def main(argv=None) -> int:
     parser.add_argument("--refine", type=int, default=50, help="refinement iterations of the network's field")
     parser.add_argument("--reduced", action="store_true", help="every 4th voxel, a few iterations, no peers")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
+    parser.add_argument("--from-json", nargs="+", default=None,
+                        help="run nothing: merge these results files (e.g. presets and peers run apart)")
     parser.add_argument("--out", default=None, help="markdown file whose bench_register section is rewritten")
     args = parser.parse_args(argv)
     peers = list(benchmark.PEERS) if args.peers == ["all"] else args.peers
     peer_python = args.peer_python or (benchmark.default_peer_python() if peers else None)
+    if args.from_json:
+        try:
+            results = benchmark.merge([json.loads(Path(p).read_text()) for p in args.from_json])
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"regkit: error: cannot read --from-json results: {exc}", file=sys.stderr)
+            return 2
+        return _write(results, args)
     try:
         predict = network_predictor(args.checkpoint) if args.checkpoint else None
         results = benchmark.run_benchmark(args.data, presets=args.presets, peers=peers, peer_python=peer_python,
@@ -69,6 +77,10 @@ def main(argv=None) -> int:
     except RegkitError as exc:
         print(f"regkit: error: {exc}", file=sys.stderr)
         return 2
+    return _write(results, args)
+
+
+def _write(results, args) -> int:
     text = benchmark.markdown(results)
     print(text)
     if args.json:

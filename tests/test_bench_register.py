@@ -14,7 +14,9 @@ import torch
 
 from regkit.data.resample import resample_to_grid
 from regkit.errors import InputError
+from regkit.models import create_model
 from regkit.registration import benchmark, peers
+from regkit.training.checkpoint import model_spec, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,23 +24,27 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_reduced_benchmark_runs_and_writes_json_and_markdown(real_data, tmp_path):
     out_md, out_json = tmp_path / "benchmarks.md", tmp_path / "register.json"
     out_md.write_text("# Benchmarks\n\nintro\n")
+    # an untrained network (its prediction is about the identity): the network + refine rows
+    net = create_model("vxm1")
+    ckpt = save_checkpoint(tmp_path / "net.pt", {"model": model_spec(net), "state_dict": net.state_dict()})
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_register.py"), "--reduced", "--data", str(real_data),
            "--presets", "fast", "--pairs", "subj2->subj1", "oasis B->A", "--threads", "1",
-           "--json", str(out_json), "--out", str(out_md)]
+           "--json", str(out_json), "--out", str(out_md), "--checkpoint", str(ckpt), "--refine", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out_json.read_text())
     env = results["environment"]
     assert {"date", "torch", "device", "load_average", "threads", "cpu"} <= set(env)
     rows = {(r["pair"], r["method"]): r for r in results["rows"]}
-    assert set(rows) == {("subj2->subj1", "identity (aligned input)"), ("subj2->subj1", "regkit fast"),
-                         ("oasis B->A", "identity (aligned input)"), ("oasis B->A", "regkit fast")}
+    methods = ["identity (aligned input)", "regkit fast", "regkit network", "regkit network + refine"]
+    assert set(rows) == {(p, m) for p in ("subj2->subj1", "oasis B->A") for m in methods}
     for pair in ("subj2->subj1", "oasis B->A"):
         ident, fast = rows[(pair, "identity (aligned input)")], rows[(pair, "regkit fast")]
         assert ident["nonpos_jac_pct"] == 0 and ident["sdlogj"] == 0
         assert fast["dice"] > ident["dice"]  # a few iterations already help
         assert fast["nonpos_jac_pct"] == 0
         assert fast["iterations"] == 7
+        assert rows[(pair, "regkit network + refine")]["iterations"] == 2
     text = out_md.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n")
     assert "<!-- bench_register:start -->" in text and "| regkit fast |" in text and "REDUCED" in text
