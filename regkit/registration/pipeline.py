@@ -62,6 +62,7 @@ def load_preset(name: str, config_dir: Optional[PathLike] = None, **overrides: A
     obj = instantiate(cfg, _convert_="all")
     if isinstance(obj, Pipeline) and isinstance(obj.affine, str):
         obj.affine = load_preset(obj.affine, folder)
+        obj.sync_progress()
     return obj
 
 
@@ -187,11 +188,13 @@ class Pipeline:
         self.normalize = check_choice("intensity normalization", normalize, NORMALIZE)
         self.device = device
         self.progress = bool(progress)
-        for stage in (deformable, refine):
-            if stage is not None:
+        self.sync_progress()
+
+    def sync_progress(self) -> None:
+        """Give every stage object the pipeline's ``progress`` setting."""
+        for stage in (self.affine, self.deformable, self.refine):
+            if stage is not None and not isinstance(stage, str) and hasattr(stage, "progress"):
                 stage.progress = self.progress
-        if affine is not None and not isinstance(affine, str) and hasattr(affine, "progress"):
-            affine.progress = self.progress
 
     def __call__(self, moving: Any, fixed: Any, init_flow: Optional[Tensor] = None) -> RegistrationResult:
         return self.register(moving, fixed, init_flow)
@@ -236,6 +239,7 @@ class Pipeline:
                              f"give their affines (e.g. as regkit.data.io.Volume) so they can be resampled")
         if self.affine is not None and isinstance(self.affine, str):
             self.affine = load_preset(self.affine)
+            self.sync_progress()
         device = resolve_device(self.device)
         records: List[StageRecord] = []
         seconds: Dict[str, float] = {}
