@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--refine", type=int, default=50, help="refinement iterations of the network's field")
     parser.add_argument("--reduced", action="store_true", help="every 4th voxel, a few iterations, no peers")
     parser.add_argument("--json", default=None, help="write the results here (JSON)")
+    parser.add_argument("--curves", default=None, help="folder for the presets' loss-curve PNGs")
     parser.add_argument("--from-json", nargs="+", default=None,
                         help="run nothing: merge these results files (e.g. presets and peers run apart)")
     parser.add_argument("--out", default=None, help="markdown file whose bench_register section is rewritten")
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
         predict = network_predictor(args.checkpoint) if args.checkpoint else None
         results = benchmark.run_benchmark(args.data, presets=args.presets, peers=peers, peer_python=peer_python,
                                           threads=args.threads, reduced=args.reduced, pairs=args.pairs,
-                                          predict=predict, refine_iterations=args.refine)
+                                          predict=predict, refine_iterations=args.refine,
+                                          curves=args.curves)
     except RegkitError as exc:
         print(f"regkit: error: {exc}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from regkit.data.io import PathLike, atomic_write, load_volume, save_nifti
 from regkit.errors import InputError, MissingFileError, check_choice
 from regkit.metrics import IXI_LABELS, dice, jacobian_metrics
 from regkit.registration import peers as peers_module
-from regkit.registration.pipeline import load_preset
+from regkit.registration.pipeline import load_preset, plot_loss_curves
 from regkit.spatial import identity_grid, warp
 
 PEERS = peers_module.METHODS
@@ -130,9 +130,17 @@ def _timed(fn: Callable[[], Any]):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_preset(pair: Pair, preset, name: str) -> Row:
-    """A regkit pipeline (no affine stage: the pairs are aligned) on ``pair``."""
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def run_preset(pair: Pair, preset, name: str, curves: Optional[PathLike] = None) -> Row:
+    """A regkit pipeline (no affine stage: the pairs are aligned) on ``pair``; with ``curves``, its
+    loss-curve PNG is drawn into that folder."""
     result, wall, cpu = _timed(lambda: preset.register(pair.moving, pair.fixed))
+    if curves is not None:
+        plot_loss_curves(result.stages, Path(curves) / f"{_slug(pair.name)}_{_slug(name)}.png",
+                         title=f"{name}, {pair.name}")
     iters = sum(s.iterations for s in result.stages if not s.name.endswith("inverse"))
     levels = {f"level{s.level}_s": round(s.seconds, 2) for s in result.stages if not s.name.endswith("inverse")}
     return Row(pair.name, name, seconds=wall, cpu_seconds=cpu, iterations=iters, extra=levels,
@@ -197,12 +205,14 @@ def environment(threads: int, peer_python: Optional[str]) -> Dict[str, Any]:
 def run_benchmark(data_root: PathLike, presets: Sequence[str] = PRESETS, peers: Sequence[str] = (),
                   peer_python: Optional[str] = None, threads: int = 2, reduced: bool = False,
                   pairs: Optional[Sequence[str]] = None, predict: Optional[Callable] = None,
-                  refine_iterations: int = 50, log: Callable[[str], None] = print) -> Dict[str, Any]:
+                  refine_iterations: int = 50, curves: Optional[PathLike] = None,
+                  log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run every method on every pair; returns ``{"environment": ..., "rows": [...]}``.
 
     ``reduced``: every 4th voxel, 4 + 3 iterations per preset, no peers (the test suite's
     mode). ``predict``: optional network ``(moving, fixed) -> flow`` (rows with and without
-    ``refine_iterations`` of field-level refinement)."""
+    ``refine_iterations`` of field-level refinement). ``curves``: a folder for the presets'
+    loss-curve PNGs."""
     torch.set_num_threads(threads)
     if peers and not peer_python:
         raise InputError("peers were asked for but no --peer-python was given")
@@ -228,7 +238,7 @@ def run_benchmark(data_root: PathLike, presets: Sequence[str] = PRESETS, peers: 
         rows.append(Row(pair.name, "identity (aligned input)", seconds=0.0, cpu_seconds=0.0,
                         **evaluate(pair, ident)))
         for name, preset in built.items():
-            rows.append(run_preset(pair, preset, f"regkit {name}"))
+            rows.append(run_preset(pair, preset, f"regkit {name}", curves))
             log(_fmt_row(rows[-1]))
         if predict is not None:
             for row in run_network(pair, predict, refine, "regkit network", refine_iterations):
