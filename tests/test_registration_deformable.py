@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from regkit.errors import InputError
-from regkit.registration.deformable import DeformableRegistration, invert_flow
+from regkit.registration.deformable import DeformableRegistration, GreedyOptimizer, invert_flow, lipschitz_bound
 from regkit.registration.pipeline import (Pipeline, load_preset, plot_loss_curves, sample_at, voxel_map,
                                           whole_flow)
 from regkit.registration.pyramid import level_shape
@@ -173,6 +173,21 @@ def test_symmetric_mode_recovers_the_field_and_its_inverse():
     assert interior(roundtrip).norm(dim=1).mean() < 0.05 * interior(res.flow).norm(dim=1).mean()
     assert float(jacobian_determinant(res.flow).min()) > 0
     assert res.stages[-1].name == "deformable-compose" and res.stages[0].extra["symmetric"]
+
+
+def test_updates_are_capped_below_lipschitz_one():
+    # a wild start (huge gradients in a tiny image) would otherwise give a folding update
+    s = torch.zeros(1, 3, 6, 6, 6)
+    s[0, 0, 3] = 0.45
+    s[0, 0, 2] = -0.45
+    assert float(lipschitz_bound(s)) == pytest.approx(0.9, abs=1e-6)
+    opt = GreedyOptimizer(s.shape, s, step=0.9, grad_sigma=0.0, field_sigma=0.0, beta1=0.0, beta2=0.0,
+                          max_jacobian=0.5)
+    new = opt.update(torch.zeros_like(s), -s)  # the update is along +s, scaled to 0.9 voxel then capped
+    assert float(lipschitz_bound(new)) == pytest.approx(0.5, rel=1e-5)
+    assert int(opt.capped) == 1
+    with pytest.raises(InputError, match="max_jacobian"):
+        DeformableRegistration(max_jacobian=1.0)
 
 
 def test_invert_flow_of_a_translation_is_exact():

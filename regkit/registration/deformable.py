@@ -14,12 +14,12 @@ greedy scheme of ANTs SyN and FireANTs:
    ``u ← s + u(x + s(x))``;
 4. the field is Gaussian-smoothed (``field_sigma`` voxels).
 
-Each update moves points by at most ``step`` voxels (``< 1``) and is smooth, so it is a
-diffeomorphism; their composition is one too. Steps 1-4 run on a coarse-to-fine pyramid
-(``levels``, e.g. ``(4, 2, 1)``): each level starts from the previous level's field resampled
-by :func:`regkit.spatial.resize_flow` (and from a given initial field at the first).
-The fixed image's pyramid, the moving image's pyramid and the loss's fixed-image state are
-built once.
+Each update moves points by at most ``step`` voxels (``< 1``), is smooth, and is scaled down when
+the Lipschitz bound of its forward differences exceeds ``max_jacobian < 1``, so ``id + s`` is
+invertible (a contraction perturbation of the identity); their composition is invertible too.
+Steps 1-4 run on a coarse-to-fine pyramid (``levels``, e.g. ``(4, 2, 1)``): each level starts
+from the previous level's field resampled by :func:`regkit.spatial.resize_flow` (and from a given
+initial field at the first). Both image pyramids and the loss module are built once.
 
 ``inverse=True`` also returns the inverse field, ``x + w(x)`` with ``w(y) = -u(y + w(y))``,
 solved by fixed-point iteration (the inverse of a small-Lipschitz displacement is its fixed
@@ -123,15 +123,32 @@ def per_level(value, n: int, what: str) -> List:
     return [value] * n
 
 
+def lipschitz_bound(s: Tensor) -> Tensor:
+    """An upper bound of the Lipschitz constant (voxel units) of the sampled displacement ``s``
+    ``(1, ndim, *spatial)``: ``sqrt(sum_j max_x sum_k (s_k(x + e_j) - s_k(x))²)``, which is at least
+    the largest Frobenius norm, so the largest operator norm, of its forward-difference Jacobian."""
+    total = s.new_zeros(())
+    for j in range(s.dim() - 2):
+        n = s.shape[2 + j]
+        if n < 2:
+            continue
+        diff = s.narrow(2 + j, 1, n - 1) - s.narrow(2 + j, 0, n - 1)
+        total = total + diff.square().sum(1).amax()
+    return total.sqrt()
+
+
 class GreedyOptimizer:
     """Adam moments of the field's gradient and the compositive update (module docstring,
     steps 2-4). State lives on the field's device and dtype."""
 
     def __init__(self, shape, like: Tensor, step: float, grad_sigma: float, field_sigma: float,
-                 beta1: float, beta2: float, eps: float = 1e-8, truncate: float = 2.0) -> None:
+                 beta1: float, beta2: float, eps: float = 1e-8, truncate: float = 2.0,
+                 max_jacobian: float = 0.9) -> None:
         self.m = like.new_zeros(shape)
         self.v = like.new_zeros(shape)
         self.t = 0
+        self.max_jacobian = max_jacobian
+        self.capped = like.new_zeros((), dtype=torch.int64)  # iterations where the cap acted (no sync)
         self.step, self.grad_sigma, self.field_sigma = step, grad_sigma, field_sigma
         self.beta1, self.beta2, self.eps, self.truncate = beta1, beta2, eps, truncate
 
@@ -151,6 +168,13 @@ class GreedyOptimizer:
         longest = d.square().sum(1).amax().sqrt()
         scale = -self.step / torch.clamp(longest, min=1.0)
         s = d.mul_(scale)
+        if self.max_jacobian > 0:
+            # id + s is invertible when s is a contraction (Lipschitz < 1). The bound
+            # sqrt(sum_j max_x |d s / d x_j|^2) (forward differences) exceeds the largest
+            # Frobenius norm of its Jacobian, hence its operator norm: cap it (no host sync).
+            bound = lipschitz_bound(s)
+            self.capped += (bound > self.max_jacobian).long()
+            s.mul_(torch.clamp(self.max_jacobian / bound.clamp_min(1e-12), max=1.0))
         new = s + warp(u, s, padding_mode="border")
         if self.field_sigma > 0:
             new = gaussian_smooth(new, self.field_sigma, truncate=self.truncate)
@@ -176,6 +200,9 @@ class DeformableRegistration:
             ``tolerance · |loss|`` over the last ``patience`` iterations (0 disables).
         inverse: also compute the inverse field (``DeformableResult.inverse_flow``) by
             ``inverse_iterations`` fixed-point iterations (:func:`invert_flow`).
+        max_jacobian: cap of the Lipschitz bound of each update (:func:`lipschitz_bound`), below
+            1 so that every update is invertible; 0 disables it. Iterations where it acted are
+            counted in the records (``capped_iterations``).
         symmetric: optimise two half-way maps instead of one, ``moving ∘ ψ_m`` against
             ``fixed ∘ ψ_f`` (SyN's symmetric form, each map greedy as above); the result is
             ``φ = ψ_m ∘ ψ_f⁻¹`` and, with ``inverse``, ``φ⁻¹ = ψ_f ∘ ψ_m⁻¹`` (about 1.7× the
@@ -190,8 +217,8 @@ class DeformableRegistration:
                  regularizers: Optional[Mapping[str, Any]] = None, step: Any = 0.25,
                  grad_sigma: Any = 1.0, field_sigma: Any = 0.5, beta1: float = 0.9, beta2: float = 0.99,
                  tolerance: float = 0.0, patience: int = 10, inverse: bool = False, inverse_iterations: int = 20,
-                 symmetric: bool = False, antialias: float = 0.5, progress: bool = True,
-                 name: str = "deformable") -> None:
+                 symmetric: bool = False, max_jacobian: float = 0.9, antialias: float = 0.5,
+                 progress: bool = True, name: str = "deformable") -> None:
         self.levels = [float(f) for f in levels]
         if not self.levels:
             raise InputError(f"{name}: at least one pyramid level is needed")
@@ -218,6 +245,9 @@ class DeformableRegistration:
         self.tolerance, self.patience = float(tolerance), int(patience)
         self.inverse, self.inverse_iterations = bool(inverse), int(inverse_iterations)
         self.symmetric = bool(symmetric)
+        if not 0 <= max_jacobian < 1:
+            raise InputError(f"{name}: max_jacobian must lie in [0, 1) (0 disables the cap), got {max_jacobian}")
+        self.max_jacobian = float(max_jacobian)
         self.antialias = float(antialias)
         self.progress = progress
         self.name = name
@@ -273,7 +303,7 @@ class DeformableRegistration:
                         u = resize_flow(u, shape)
                     fields[k] = u.detach().contiguous()
                 opts = [GreedyOptimizer(u.shape, u, self.step[li], self.grad_sigma[li], self.field_sigma[li],
-                                        self.beta1, self.beta2) for u in fields]
+                                        self.beta1, self.beta2, max_jacobian=self.max_jacobian) for u in fields]
                 m_l, f_l = moving_pyr[li], fixed_pyr[li]
                 losses: List[Tensor] = []
                 done = 0
@@ -298,7 +328,8 @@ class DeformableRegistration:
                     iterations=done, losses=values, seconds=time.perf_counter() - start,
                     extra={"step": self.step[li], "grad_sigma": self.grad_sigma[li],
                            "field_sigma": self.field_sigma[li], "loss": self.loss_name,
-                           "symmetric": self.symmetric}))
+                           "symmetric": self.symmetric,
+                           "capped_iterations": sum(int(o.capped) for o in opts)}))
         finally:
             bar.close()
 
@@ -335,4 +366,5 @@ class DeformableRegistration:
                 "loss_kwargs": self.loss_kwargs, "regularizers": self.regularizer_spec, "step": self.step,
                 "grad_sigma": self.grad_sigma, "field_sigma": self.field_sigma, "beta1": self.beta1,
                 "beta2": self.beta2, "tolerance": self.tolerance, "patience": self.patience,
-                "inverse": self.inverse, "symmetric": self.symmetric, "antialias": self.antialias}
+                "inverse": self.inverse, "symmetric": self.symmetric, "max_jacobian": self.max_jacobian,
+                "antialias": self.antialias}
