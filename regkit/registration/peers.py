@@ -110,7 +110,7 @@ def run_elastix(moving: str, fixed: str, coords, threads: int):
     out = []
     for c in coords:
         warped = itk.transformix_filter(itk.imread(c, itk.F), result, log_to_console=False)
-        out.append(np.asarray(itk.array_view_from_image(warped)).transpose(2, 1, 0))  # itk is z, y, x
+        out.append(itk.array_from_image(warped).transpose(2, 1, 0).copy())  # a copy (views die with the image); itk is z, y, x
     version = getattr(itk, "__version__", "?")
     try:
         from importlib.metadata import version as pkg_version
