@@ -270,15 +270,22 @@ def _env_line(env: Dict[str, Any], reduced: bool) -> str:
 
 
 def merge(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Several runs' results as one (rows in order; each run's environment kept), e.g. the
-    presets and the slow peers measured in separate runs."""
+    """Several runs' results as one (each run's environment kept), e.g. the presets and the slow
+    peers measured in separate runs. A (pair, method) measured more than once keeps its first
+    row (every run repeats the identity row)."""
     if not results:
         raise InputError("no benchmark results to merge")
     envs = []
     for r in results:
         envs.extend(r.get("runs") or [r["environment"]])
+    rows: Dict[tuple, Dict[str, Any]] = {}
+    for r in results:
+        for row in r["rows"]:
+            rows.setdefault((row["pair"], row["method"]), row)
+    pairs = list(dict.fromkeys(key[0] for key in rows))
+    ordered = [row for pair in pairs for key, row in rows.items() if key[0] == pair]
     return {"environment": envs[0], "runs": envs, "reduced": any(r.get("reduced") for r in results),
-            "rows": [row for r in results for row in r["rows"]]}
+            "rows": ordered}
 
 
 def target_checks(rows: Sequence[Dict[str, Any]]) -> List[str]:
@@ -295,7 +302,8 @@ def target_checks(rows: Sequence[Dict[str, Any]]) -> List[str]:
             best = max(peers, key=lambda p: p["dice"])
             ok = acc["dice"] >= best["dice"]
             ratio = "; ".join(f"{acc['seconds'] / p['seconds']:.2f} of {p['method']}'s wall "
-                              f"(target {'0.20' if p is cc else '0.50'})" for p in peers if p["seconds"] > 0)
+                              f"(target {'0.20' if p is cc else '0.50'}), CPU {acc['cpu_seconds'] / p['cpu_seconds']:.2f}"
+                              for p in peers if p["seconds"] > 0 and p["cpu_seconds"] > 0)
             out.append(f"| {pair} | accurate vs best of ANTs CC / FireANTs | Dice {acc['dice']:.4f} vs "
                        f"{best['dice']:.4f} ({best['method']}) {'met' if ok else 'NOT met'}; {ratio}; "
                        f"det J <= 0 {acc['nonpos_jac_pct']:.4f}% (target < 0.01) |")
@@ -303,8 +311,11 @@ def target_checks(rows: Sequence[Dict[str, Any]]) -> List[str]:
             ok = fast["dice"] >= elx["dice"]
             out.append(f"| {pair} | fast vs elastix | Dice {fast['dice']:.4f} vs {elx['dice']:.4f} "
                        f"{'met' if ok else 'NOT met'}; wall {fast['seconds']:.1f} s = "
-                       f"{fast['seconds'] / elx['seconds']:.2f} of elastix's (target 0.50, and 30 s) |")
-    return (["| pair | target | measured |", "|---|---|---|"] + out + [""]) if out else []
+                       f"{fast['seconds'] / elx['seconds']:.2f} of elastix's (target 0.50, and 30 s); CPU "
+                       f"{fast['cpu_seconds'] / max(elx['cpu_seconds'], 1e-9):.2f} of elastix's |")
+    head = ["Targets (time ratios mean something only when both rows come from one quiet run):", "",
+            "| pair | target | measured |", "|---|---|---|"]
+    return (head + out + [""]) if out else []
 
 
 def markdown(results: Dict[str, Any]) -> str:
