@@ -262,7 +262,8 @@ def _fmt_row(r: Row) -> str:
 
 
 def _env_line(env: Dict[str, Any], reduced: bool) -> str:
-    return (f"Measured {env['date']} on {env['cpu']} ({env['cores']} cores, {env['threads']} threads), "
+    what = f"{', '.join(env['methods'])}: " if env.get("methods") else ""
+    return (f"{what}measured {env['date']} on {env['cpu']} ({env['cores']} cores, {env['threads']} threads), "
             f"torch {env['torch']}, device {env['device']}; load average at the start "
             f"{', '.join(f'{v:.2f}' for v in env['load_average'])}, at the end "
             f"{', '.join(f'{v:.2f}' for v in env.get('load_average_end', []))}"
@@ -277,7 +278,12 @@ def merge(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         raise InputError("no benchmark results to merge")
     envs = []
     for r in results:
-        envs.extend(r.get("runs") or [r["environment"]])
+        if r.get("runs"):
+            envs.extend(r["runs"])
+            continue
+        env = dict(r["environment"])
+        env["methods"] = [m for m in dict.fromkeys(row["method"] for row in r["rows"]) if not m.startswith("identity")]
+        envs.append(env)
     rows: Dict[tuple, Dict[str, Any]] = {}
     for r in results:
         for row in r["rows"]:
@@ -322,7 +328,10 @@ def markdown(results: Dict[str, Any]) -> str:
     """The docs/benchmarks.md section: the conditions, then one table per pair."""
     rows = results["rows"]
     runs = results.get("runs") or [results["environment"]]
-    lines = [_env_line(env, results.get("reduced", False)) for env in runs]
+    lines = ["## Registration: regkit presets vs ANTs SyN, elastix, FireANTs", "",
+             "`scripts/bench_register.py` (docs/registration.md: settings of every peer, how each map is read "
+             "back and evaluated).", ""]
+    lines += [_env_line(env, results.get("reduced", False)) for env in runs]
     lines += ["Wall: the registration call alone; CPU: user + system time of the process (regkit) or of the "
               "peer's subprocess. Dice: mean over the pair's labels; det J and SDlogJ over every voxel of the "
               "fixed grid. Produced by `scripts/bench_register.py`. Times from a shared machine are not a quiet "
