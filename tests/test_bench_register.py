@@ -80,3 +80,25 @@ def test_peer_coordinate_images_read_back_the_identity(tmp_path):
         data = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float64))[None, None]
         back = resample_to_grid(data, img.affine, affine, shape)[0, 0].numpy()
         np.testing.assert_allclose(back, expected[k], atol=1e-4)  # the header stores float32
+
+
+def test_merge_keeps_one_row_per_pair_and_method_and_checks_targets():
+    env = {"date": "d", "cpu": "c", "cores": 2, "threads": 2, "torch": "t", "device": "cpu", "load_average": [1, 1, 1]}
+
+    def row(pair, method, d, s=10.0):
+        return {"pair": pair, "method": method, "dice": d, "nonpos_jac_pct": 0.0, "sdlogj": 0.1, "seconds": s,
+                "cpu_seconds": s, "iterations": None, "note": ""}
+
+    a = {"environment": env, "rows": [row("p", "identity (aligned input)", 0.5), row("p", "regkit fast", 0.7, 5),
+                                      row("p", "regkit accurate", 0.8, 40)]}
+    b = {"environment": env, "rows": [row("p", "identity (aligned input)", 0.5), row("p", "elastix", 0.72, 60),
+                                      row("p", "fireants", 0.81, 100)]}
+    merged = benchmark.merge([a, b])
+    assert [r["method"] for r in merged["rows"]] == ["identity (aligned input)", "regkit fast", "regkit accurate",
+                                                     "elastix", "fireants"]
+    assert [e["methods"] for e in merged["runs"]] == [["regkit fast", "regkit accurate"], ["elastix", "fireants"]]
+    text = benchmark.markdown(merged)
+    assert "| p | fast vs elastix | Dice 0.7000 vs 0.7200 NOT met" in text
+    assert "Dice 0.8000 vs 0.8100 (fireants) NOT met; 0.40 of fireants's wall" in text
+    with pytest.raises(InputError, match="no benchmark results"):
+        benchmark.merge([])
