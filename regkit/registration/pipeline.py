@@ -148,17 +148,29 @@ def apply_matrix(matrix: np.ndarray, points: Tensor) -> Tensor:
 
 
 def whole_flow(deformable: Optional[Tensor], matrix: Optional[np.ndarray], fixed_affine: Optional[np.ndarray],
-               shape: Sequence[int], device=None) -> Tensor:
+               shape: Sequence[int], device=None, rows: Optional[Tuple[int, int]] = None) -> Tensor:
     """``u(x) = inv(A_f) @ T @ A_f @ (x + d(x)) - x`` ``(1, ndim, *shape)`` in fixed voxels,
-    computed in float64 and returned in float32 (see the module docstring)."""
+    computed in float64 and returned in float32 (see the module docstring). ``rows = (lo, hi)``:
+    only those rows of the last axis (``deformable`` then holds just them; a split run)."""
     ndim = len(shape)
-    x = identity_grid(shape, device=device, dtype=torch.float64)
+    x = fixed_grid(shape, device, rows)
     pos = x if deformable is None else x + deformable.to(device=device, dtype=torch.float64)
     if matrix is not None:
         eye = np.eye(ndim + 1)
         a_f = eye if fixed_affine is None else fixed_affine
         pos = apply_matrix(np.linalg.inv(a_f) @ np.asarray(matrix, np.float64) @ a_f, pos)
     return (pos - x).float()
+
+
+def fixed_grid(shape: Sequence[int], device=None, rows: Optional[Tuple[int, int]] = None) -> Tensor:
+    """Voxel positions ``(1, ndim, *shape)`` of the fixed grid in float64, or of its rows
+    ``rows = (lo, hi)`` of the last axis (global positions)."""
+    if rows is None:
+        return identity_grid(shape, device=device, dtype=torch.float64)
+    lo, hi = rows
+    x = identity_grid((*shape[:-1], hi - lo), device=device, dtype=torch.float64).clone()
+    x[:, -1] += lo
+    return x
 
 
 # -- the pipeline -------------------------------------------------------------------------------
