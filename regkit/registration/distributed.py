@@ -1,0 +1,487 @@
+"""One registration split over processes, files in and files out.
+
+``torchrun --nproc_per_node=N scripts/register_distributed.py moving.nii.gz fixed.nii.gz -o out/
+--preset accurate`` (or ``--nnodes`` with a rendezvous, as in docs/scaling.md) runs
+:func:`register_volumes_distributed` on N processes: gloo on the CPU, NCCL on GPUs (one per
+process, ``cuda:LOCAL_RANK``). Without torchrun it is one process running the same code.
+
+What each process holds (see :mod:`regkit.registration.slabs` for the exactness argument): its
+rows of the fixed grid's last axis plus a halo, of the field, of its Adam moments and of the fixed
+image, and the rows of the moving image its displacements reach. It reads them from the files
+itself (:class:`VolumeFile`: nibabel's array proxy; a range of the last axis is one contiguous
+block of a NIfTI file, so an uncompressed ``.nii`` is read only there, a ``.nii.gz`` is
+decompressed up to it), so no process loads a whole volume for the deformable stage.
+
+Steps, as :class:`~regkit.registration.pipeline.Pipeline` takes them in one process:
+
+1. the affine stage, when the preset has one, on process 0 with the whole pair in host memory
+   (it is cheap, and its pyramid starts coarse); its matrix is broadcast;
+2. the moving scan resampled onto the fixed grid through ``inv(A_m) · T · A_f`` rows by rows
+   (:class:`ResampledRows`: each read takes the box of the moving file those rows map into);
+3. intensity normalisation with global statistics (minimum, maximum, the 99.9th percentile of
+   the same voxel subset as one process: :func:`intensity_range`);
+4. the deformable stage on slabs (:meth:`~regkit.registration.deformable.DeformableRegistration.run`);
+5. the outputs on the fixed grid with the fixed header, computed per slab and streamed by
+   process 0 into temporary files (:func:`write_nifti_rows`) that are renamed into place only
+   when every output is complete: ``warped``, ``flow_voxel`` (the whole transformation, affine
+   included), ``flow_mm``, ``jacdet``, ``inverse_flow_voxel`` (the inverse of the deformable
+   part, when the preset computes it) and ``register.json``.
+
+Failures: a process that dies or stops answering makes the others' next collective fail (a
+closed connection at once, or the ``timeout_min`` of the process group); they stop with one line
+(:class:`~regkit.registration.slabs.SplitRunError`) and process 0 deletes its temporary files, so
+no output is left half-written. SIGTERM (torchrun stops the other workers when one fails) ends a
+process the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import nibabel
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from regkit.data.io import PathLike, load_volume
+from regkit.device import resolve_device
+from regkit.distributed import cleanup, setup
+from regkit.errors import InputError, MissingFileError, check_choice
+from regkit.registration.pipeline import NORMALIZE, Pipeline, apply_matrix, fixed_grid, load_preset, sample_at, \
+    voxel_map, whole_flow
+from regkit.registration.slabs import Comm, RowSource, SlabResult, padded_rows, split_rows, whole_rows
+from regkit.spatial import jacobian_determinant
+
+OUTPUTS = ("warped", "flow_voxel", "flow_mm", "jacdet", "inverse_flow_voxel")
+SUFFIXES = (".nii.gz", ".nii")
+# voxels the quantile of the percentile normalisation reads at most (pipeline.normalize_intensity)
+QUANTILE_VOXELS = 2 ** 22
+
+
+# -- files read by boxes --------------------------------------------------------------------------
+class VolumeFile:
+    """A 3-D NIfTI/MGH volume on disk, read by boxes through nibabel's array proxy (values as
+    :func:`regkit.data.io.load_volume` gives them: scaled, float32); only the header is read here."""
+
+    def __init__(self, path: PathLike) -> None:
+        p = Path(path)
+        if not p.exists():
+            raise MissingFileError(f"{p}: no such file")
+        if p.is_dir():
+            raise InputError(f"{p}: is a folder, expected an image file")
+        try:
+            self.img = nibabel.load(str(p))
+        except Exception as exc:  # nibabel raises many types for corrupt files
+            raise InputError(f"{p}: cannot read as a NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
+        shape = tuple(int(s) for s in self.img.shape)
+        self.extra_axis = len(shape) == 4 and shape[3] == 1
+        if self.extra_axis:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise InputError(f"{p}: expected a 3-D volume, got shape {shape}")
+        self.path, self.shape = p, shape
+        self.affine = np.asarray(self.img.affine, dtype=np.float64)
+        self.header = self.img.header
+
+    def read_box(self, box: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """The voxels ``[a0:b0, a1:b1, a2:b2]`` as float32."""
+        slicer = tuple(slice(a, b) for a, b in box) + ((0,) if self.extra_axis else ())
+        try:
+            arr = np.asarray(self.img.dataobj[slicer])
+        except Exception as exc:
+            raise InputError(f"{self.path}: cannot read voxels {list(box)} ({type(exc).__name__}: {exc})") from None
+        return arr.astype(np.float32, copy=not arr.flags.writeable)
+
+
+class FileRows(RowSource):
+    """A volume file on its own grid, as rows of its last axis."""
+
+    def __init__(self, volume: VolumeFile, device) -> None:
+        self.volume, self.device = volume, torch.device(device)
+        self.shape, self.channels, self.dtype = volume.shape, 1, torch.float32
+
+    def read(self, lo: int, hi: int) -> Tensor:
+        box = [(0, n) for n in self.shape[:-1]] + [(lo, hi)]
+        return torch.from_numpy(self.volume.read_box(box))[None, None].to(self.device)
+
+
+def sample_file(volume: VolumeFile, pos: Tensor) -> Tensor:
+    """The volume (float32, linear, zeros outside) at voxel positions ``pos`` ``(1, 3, *out)``
+    (float64), as :func:`regkit.registration.pipeline.sample_at` gives it from the whole volume, bit
+    for bit: only the rows of the file's last axis that the positions reach are read (whole
+    planes of the other two), and the sampling kernel sees them as the whole volume
+    (:func:`~regkit.registration.slabs.whole_rows`)."""
+    n = volume.shape[-1]
+    low, high = torch.aminmax(pos[:, -1])
+    a, b = max(0, math.floor(float(low))), min(n, math.floor(float(high)) + 2)
+    if a >= b:  # every position beyond the last axis: zeros, as outside the volume
+        return torch.zeros(1, 1, *pos.shape[2:], dtype=torch.float32, device=pos.device)
+    data = torch.from_numpy(volume.read_box([(0, s) for s in volume.shape[:-1]] + [(a, b)]))[None, None]
+    # in the sampling dtype before the view: converting the view would copy all n rows
+    data = padded_rows(data.to(device=pos.device, dtype=pos.dtype), a, n)
+    return sample_at(whole_rows(data, a, n), pos).float()
+
+
+class ResampledRows(RowSource):
+    """The moving scan on the fixed grid through the voxel map ``vox`` (fixed voxel -> moving
+    voxel, 4×4), rows of the fixed grid at a time: ``moving(vox @ x)`` as the pipeline computes it."""
+
+    def __init__(self, volume: VolumeFile, vox: np.ndarray, shape: Sequence[int], device) -> None:
+        self.volume, self.vox, self.device = volume, np.asarray(vox, np.float64), torch.device(device)
+        self.shape, self.channels, self.dtype = tuple(int(s) for s in shape), 1, torch.float32
+
+    def read(self, lo: int, hi: int) -> Tensor:
+        pos = apply_matrix(self.vox, fixed_grid(self.shape, self.device, (lo, hi)))
+        return sample_file(self.volume, pos)
+
+
+class NormalizedRows(RowSource):
+    """``source`` with intensities mapped by ``((x - lo) / (hi - lo)).clamp(max=1)`` (the
+    pipeline's normalisation, with its global ``lo`` and ``hi``)."""
+
+    def __init__(self, source: RowSource, value_range: Optional[Tuple[Tensor, Tensor]]) -> None:
+        self.source, self.range = source, value_range
+        self.shape, self.channels, self.dtype = source.shape, source.channels, source.dtype
+
+    def read(self, lo: int, hi: int) -> Tensor:
+        x = self.source.read(lo, hi)
+        if self.range is None:
+            return x
+        low, high = self.range
+        return ((x - low) / (high - low)).clamp_(max=1.0)
+
+
+# -- global intensity statistics ------------------------------------------------------------------
+def strided_subset(x: Tensor, lo: int, n: int, step: int) -> Tensor:
+    """The values of ``x`` (rows ``lo..`` of a ``(1, 1, *lead, n)`` volume) whose C-order index
+    in the whole volume is a multiple of ``step``: this process's part of the pipeline's strided
+    quantile subset ``flat[::step]``."""
+    if step == 1:
+        return x.reshape(-1)
+    rows = x.shape[-1]
+    flat = x.reshape(-1, rows)
+    z = torch.arange(lo, lo + rows, device=x.device, dtype=torch.int64)
+    chunk = max(1, 2 ** 20 // rows)
+    out = []
+    for a in range(0, flat.shape[0], chunk):
+        b = min(flat.shape[0], a + chunk)
+        index = torch.arange(a, b, device=x.device, dtype=torch.int64)[:, None] * n + z
+        out.append(flat[a:b][index % step == 0])
+    return torch.cat(out)
+
+
+def intensity_range(source: RowSource, comm: Comm, mode: str, name: str) -> Optional[Tuple[Tensor, Tensor]]:
+    """The ``(lo, hi)`` of :func:`regkit.registration.pipeline.normalize_intensity` over the whole
+    volume from this process's rows (``None`` for ``mode="none"``), after checking that every
+    voxel is finite. ``percentile``: the 99.9th percentile of the same strided voxel subset as
+    one process (each process contributes its part; the quantile of the gathered values)."""
+    check_choice("intensity normalization", mode, NORMALIZE)
+    n = source.shape[-1]
+    lo, hi = split_rows(n, comm.world)[comm.rank]
+    x = source.read(lo, hi)
+    bad = comm.all_reduce_((~torch.isfinite(x)).sum().reshape(1), "sum")
+    if int(bad):
+        raise InputError(f"{name} image has {int(bad)} NaN/inf voxels")
+    if mode == "none":
+        return None
+    low = comm.all_reduce_(x.amin().reshape(1), "min")[0]
+    top = comm.all_reduce_(x.amax().reshape(1), "max")[0]
+    if mode == "minmax":
+        high = top
+    else:
+        numel = math.prod(source.shape)
+        step = numel // QUANTILE_VOXELS + 1 if numel > QUANTILE_VOXELS else 1
+        subset = comm.all_gather_cat(strided_subset(x, lo, n, step))
+        high = torch.quantile(subset.float(), 0.999).to(x.dtype)
+        if not high > low:
+            high = top
+    if not high > low:
+        raise InputError(f"{name}: the image is constant ({float(low)}); nothing to register")
+    return low, high
+
+
+def check_finite_file(volume: VolumeFile, comm: Comm, name: str) -> None:
+    """Every voxel of a file is finite (each process reads its rows of the file's last axis)."""
+    n = volume.shape[-1]
+    lo, hi = split_rows(n, comm.world)[comm.rank] if n >= comm.world else ((0, n) if comm.rank == 0 else (0, 0))
+    bad = 0
+    if hi > lo:
+        bad = int((~np.isfinite(volume.read_box([(0, s) for s in volume.shape[:-1]] + [(lo, hi)]))).sum())
+    total = comm.all_reduce_(torch.tensor([bad], device=comm.device), "sum")
+    if int(total):
+        raise InputError(f"{volume.path}: contains {int(total)} NaN/inf voxels")
+
+
+# -- outputs streamed into one file ---------------------------------------------------------------
+def nifti_header(shape: Sequence[int], dtype, affine: np.ndarray, header=None, intent: Optional[str] = None,
+                 description: Optional[str] = None):
+    """The header :func:`regkit.data.io.save_nifti` writes for an array of ``shape`` and
+    ``dtype`` (the same steps, on a broadcast zero array that takes no memory)."""
+    hdr = header.copy() if isinstance(header, nibabel.Nifti1Header) else None
+    img = nibabel.Nifti1Image(np.broadcast_to(np.zeros((), dtype=dtype), tuple(shape)),
+                              np.asarray(affine, dtype=np.float64), header=hdr)
+    img.set_data_dtype(np.dtype(dtype))
+    if hdr is not None:
+        img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
+        img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    if intent is not None:
+        img.header.set_intent(intent)
+    if description is not None:
+        img.header["descrip"] = description[:79].encode()
+    # what nibabel's to_file_map does before it writes the header
+    img.get_data_dtype(finalize=True)
+    img.update_header()
+    return img.header
+
+
+def write_nifti_rows(comm: Comm, path: PathLike, own: Tensor, parts: Sequence[Tuple[int, int]], shape: Sequence[int],
+                     affine: np.ndarray, header=None, intent: Optional[str] = None,
+                     description: Optional[str] = None) -> None:
+    """Process 0 writes a NIfTI file (``.nii`` or ``.nii.gz``) of a volume cut in rows: ``own``
+    ``(1, C, *shape[:-1], rows)`` is this process's rows ``parts[rank]``; ``C == 1`` gives a scalar
+    image ``shape``, ``C > 1`` a vector image ``(*shape, 1, C)`` (NIfTI vector intent). The data go
+    in Fortran order, component after component, each process's rows in turn: process 0 holds
+    one block at a time. Every process calls this; only process 0 touches ``path``."""
+    channels = int(own.shape[1])
+    full = tuple(int(s) for s in shape) + ((1, channels) if channels > 1 else ())
+    if comm.rank != 0:
+        for c in range(channels):
+            with comm.timed():
+                dist.send(own[0, c].contiguous(), 0)
+        return
+    hdr = nifti_header(full, np.float32, affine, header, intent, description)
+    out_dtype = hdr.get_data_dtype()
+    path = Path(path)
+    raw = open(path, "wb")
+    stream = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) if path.name.endswith(".gz") else raw
+    try:
+        hdr.write_to(stream)
+        offset = int(hdr.get_data_offset())
+        if offset > stream.tell():  # nibabel's seek_tell(..., write0=True)
+            stream.write(b"\0" * (offset - stream.tell()))
+        for c in range(channels):
+            for q, (lo, hi) in enumerate(parts):
+                if q == 0:
+                    block = own[0, c]
+                else:
+                    block = own.new_empty(*shape[:-1], hi - lo)
+                    with comm.timed():
+                        dist.recv(block, q)
+                stream.write(np.asarray(block.cpu().numpy(), dtype=out_dtype).tobytes(order="F"))
+                del block
+    finally:
+        if stream is not raw:
+            stream.close()
+        raw.close()
+
+
+# -- the whole run --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises SystemExit inside the block (so ``finally`` clauses remove temporary files);
+    torchrun sends it to the other workers when one fails."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        print("regkit: stopped by SIGTERM (torchrun stops every process when one fails); no output written",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pipeline(preset: Union[str, Pipeline], overrides: Optional[Mapping[str, Any]], progress: bool) -> Pipeline:
+    if isinstance(preset, Pipeline):
+        pipe = preset
+    else:
+        pipe = load_preset(preset, **dict(overrides or {}))
+        if not isinstance(pipe, Pipeline):
+            raise InputError(f"preset '{preset}' is not a whole registration (Pipeline), got {type(pipe).__name__}")
+    pipe.progress = bool(progress)
+    pipe.sync_progress()
+    if pipe.deformable is None:
+        raise InputError("a split registration needs a deformable stage; this pipeline has none")
+    return pipe
+
+
+def _run_affine(pipe: Pipeline, comm: Comm, moving: VolumeFile, fixed: VolumeFile):
+    """The affine stage on process 0 (whole volumes in host memory); matrix and records broadcast."""
+    result = None
+    if comm.rank == 0:
+        m, f = load_volume(moving.path), load_volume(fixed.path)
+        mt, ft = torch.from_numpy(m.data)[None, None], torch.from_numpy(f.data)[None, None]
+        result = pipe._run_affine(mt, ft, m.affine, f.affine)
+        del m, f, mt, ft
+    return comm.broadcast_object(result)
+
+
+def register_volumes_distributed(moving: PathLike, fixed: PathLike, out_dir: PathLike,
+                                 preset: Union[str, Pipeline] = "accurate",
+                                 overrides: Optional[Mapping[str, Any]] = None, device: Any = "auto",
+                                 backend: str = "auto", timeout_min: float = 30.0,
+                                 outputs: Sequence[str] = OUTPUTS, suffix: str = ".nii.gz", margin: int = 8,
+                                 progress: bool = True, profile: bool = False) -> Optional[Dict[str, Any]]:
+    """Register ``moving`` to ``fixed`` (NIfTI/MGH files) with the preset, split over the
+    processes torchrun started (one process without torchrun), and write the outputs.
+
+    Every process calls this with the same arguments. Process 0 writes into ``out_dir``:
+    ``<name><suffix>`` for each of ``outputs`` (see the module docstring; ``inverse_flow_voxel``
+    only when the preset computes an inverse) on the fixed grid with the fixed header, and
+    ``register.json`` (stages, losses, seconds, processes, communication time per process).
+
+    Args:
+        preset: a preset name (``configs/registration/``) or a :class:`Pipeline`;
+            ``overrides`` its top-level keys (e.g. ``{"affine": None}``).
+        device: ``auto`` (``cuda:LOCAL_RANK`` when CUDA is available, else the CPU), ``cpu``, ``cuda``.
+        backend: ``auto`` (NCCL on CUDA, gloo on the CPU), ``gloo`` or ``nccl``.
+        timeout_min: how long a collective waits for a silent process before failing.
+        margin: rows of the moving image held beyond what its displacements reach (grown on demand).
+        profile: synchronise CUDA around communication calls so that their time is exact.
+    Returns:
+        On process 0 the ``register.json`` record, elsewhere ``None``.
+    Raises:
+        InputError / MissingFileError: bad input (on every process, the same line);
+        :class:`~regkit.registration.slabs.SplitRunError`: another process died or stopped answering.
+    """
+    check_choice("output suffix", suffix, SUFFIXES)
+    for name in outputs:
+        check_choice("output", name, OUTPUTS)
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    created = setup(dev, backend, timeout_min)
+    comm = Comm.from_process_group(dev, profile=profile)
+    out = Path(out_dir)
+    temps: List[Tuple[Path, Path]] = []  # (temporary file, its final name), process 0
+    try:
+        with exit_on_sigterm():
+            record = _register(moving, fixed, out, preset, overrides, comm, outputs, suffix, margin, progress, temps,
+                               start)
+            comm.barrier()  # every process finished its part: the outputs are whole
+            if comm.rank == 0:
+                for tmp, final in temps:
+                    tmp.replace(final)
+                temps.clear()
+                record["seconds"]["total"] = time.perf_counter() - start
+                text = json.dumps(record, indent=1) + "\n"
+                tmp = out / ".register.json.tmp"
+                tmp.write_text(text)
+                tmp.replace(out / "register.json")
+            return record if comm.rank == 0 else None
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        cleanup(created)
+
+
+def _register(moving_path, fixed_path, out: Path, preset, overrides, comm: Comm, outputs, suffix, margin, progress,
+              temps: List[Tuple[Path, Path]], start: float) -> Dict[str, Any]:
+    pipe = _pipeline(preset, overrides, progress)
+    stage = pipe.deformable
+    moving, fixed = VolumeFile(moving_path), VolumeFile(fixed_path)
+    shape = fixed.shape
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not out.is_dir():
+            raise InputError(f"{out}: is not a folder")
+    seconds: Dict[str, float] = {}
+
+    # 1. affine stage (process 0), 2. the moving scan on the fixed grid, by rows
+    matrix, affine_result = None, None
+    if pipe.affine is not None:
+        t0 = time.perf_counter()
+        affine_result = _run_affine(pipe, comm, moving, fixed)
+        matrix = np.asarray(affine_result.matrix, np.float64)
+        seconds["affine"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    same_grid = moving.shape == shape and np.allclose(moving.affine, fixed.affine, atol=1e-6)
+    check_finite_file(moving, comm, "moving")
+    fixed_rows = FileRows(fixed, comm.device)
+    if same_grid and matrix is None:
+        moving_rows: RowSource = FileRows(moving, comm.device)
+    else:
+        moving_rows = ResampledRows(moving, voxel_map(moving.affine, fixed.affine, matrix, 3), shape, comm.device)
+
+    # 3. normalisation with global statistics, 4. the deformable stage on slabs
+    fixed_n = NormalizedRows(fixed_rows, intensity_range(fixed_rows, comm, pipe.normalize, "fixed"))
+    moving_n = NormalizedRows(moving_rows, intensity_range(moving_rows, comm, pipe.normalize, "moving"))
+    result: SlabResult = stage.run(moving_n, fixed_n, comm, margin=margin)
+    seconds[stage.name] = time.perf_counter() - t0
+
+    # 5. outputs, each process its rows, process 0 streaming them into temporary files
+    t0 = time.perf_counter()
+    parts = split_rows(shape[-1], comm.world)
+    lo, hi = result.rows
+    u = whole_flow(result.flow, matrix, fixed.affine, shape, comm.device, (lo, hi))
+    arrays = _outputs(comm, u, result, moving, fixed, parts, outputs)
+    header = fixed.header if fixed.path.name.endswith((".nii", ".nii.gz")) else None
+    written = {}
+    for name, (own, intent, description) in arrays.items():
+        tmp, final = out / f".{name}.tmp{suffix}", out / f"{name}{suffix}"
+        if comm.rank == 0:
+            temps.append((tmp, final))
+        write_nifti_rows(comm, tmp, own, parts, shape, fixed.affine, header, intent, description)
+        written[name] = str(final)
+        del own
+    seconds["outputs"] = time.perf_counter() - t0
+    comm_seconds = _gather_floats(comm, comm.seconds)
+    return {"moving": str(moving.path), "fixed": str(fixed.path),
+            "preset": preset if isinstance(preset, str) else "custom", "overrides": dict(overrides or {}),
+            "pipeline": pipe.spec(), "processes": comm.world, "device": str(comm.device),
+            "backend": dist.get_backend() if comm.split else None, "shape": list(shape),
+            "rows": [list(p) for p in parts], "matrix": None if matrix is None else matrix.tolist(),
+            "stages": [s.to_dict() for s in (affine_result.stages if affine_result else []) + result.stages],
+            "seconds": seconds, "comm_seconds": comm_seconds, "outputs": written}
+
+
+def _gather_floats(comm: Comm, value: float) -> List[float]:
+    t = torch.zeros(comm.world, dtype=torch.float64, device=comm.device)
+    t[comm.rank] = value
+    return comm.all_reduce_(t, "sum").tolist()
+
+
+def _outputs(comm: Comm, u: Tensor, result: SlabResult, moving: VolumeFile, fixed: VolumeFile,
+             parts: Sequence[Tuple[int, int]], names: Sequence[str]) -> Dict[str, Tuple[Tensor, Optional[str], str]]:
+    """This process's rows of every output: ``(tensor (1, C, ..., rows), intent, description)``."""
+    shape = fixed.shape
+    lo, hi = result.rows
+    arrays: Dict[str, Tuple[Tensor, Optional[str], str]] = {}
+    if "warped" in names:
+        # warped = moving(inv(A_m) @ A_f @ (x + u(x))): one interpolation of the original scan
+        pos = fixed_grid(shape, comm.device, (lo, hi)) + u.double()
+        warped = sample_file(moving, apply_matrix(voxel_map(moving.affine, fixed.affine, None, 3), pos))
+        arrays["warped"] = (warped, None, "warped moving image")
+        del pos
+    if "flow_voxel" in names:
+        arrays["flow_voxel"] = (u, "vector", "displacement, voxels, axis k")
+    if "flow_mm" in names:
+        a3 = torch.as_tensor(fixed.affine[:3, :3], dtype=torch.float64, device=u.device)
+        arrays["flow_mm"] = (torch.einsum("ij,bj...->bi...", a3, u.double()).float(), "vector",
+                             "displacement, mm, world RAS")
+    if "jacdet" in names:
+        # central differences need one row of each neighbour
+        need = [(max(0, a - 1), min(shape[-1], b + 1)) for a, b in parts]
+        region = comm.redistribute(u, lo, parts, need)
+        det = jacobian_determinant(region)[:, None]
+        arrays["jacdet"] = (det.narrow(-1, lo - need[comm.rank][0], hi - lo).float().contiguous(), None,
+                            "Jacobian determinant of x+u(x)")
+    if "inverse_flow_voxel" in names and result.inverse_flow is not None:
+        arrays["inverse_flow_voxel"] = (result.inverse_flow.float(), "vector",
+                                        "inverse of the deformable displacement, voxels")
+    return arrays
