@@ -335,6 +335,7 @@ class DeformableRegistration:
         loss = self.split_loss()
         if comm.split:
             loss.check_split(self.name)
+            comm.barrier()  # every process arrived (NCCL wants a collective of all before point-to-point calls)
         ndim = len(full)
 
         # One field (moving -> fixed), or two half-way fields in symmetric mode (index 0 warps

@@ -127,7 +127,7 @@ def sample_file(volume: VolumeFile, pos: Tensor) -> Tensor:
         return torch.zeros(1, 1, *pos.shape[2:], dtype=torch.float32, device=pos.device)
     data = torch.from_numpy(volume.read_box([(0, s) for s in volume.shape[:-1]] + [(a, b)]))[None, None]
     # in the sampling dtype before the view: converting the view would copy all n rows
-    data = padded_rows(data.to(device=pos.device, dtype=pos.dtype), a, n)
+    data = padded_rows(data.to(pos.device), a, n, dtype=pos.dtype)
     return sample_at(whole_rows(data, a, n), pos).float()
 
 

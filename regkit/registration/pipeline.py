@@ -35,6 +35,7 @@ from regkit.device import resolve_device
 from regkit.errors import InputError, MissingFileError, check_choice
 from regkit.registration.deformable import DeformableRegistration, check_init_flow, check_pair
 from regkit.registration.result import AffineResult, DeformableResult, RegistrationResult, StageRecord
+from regkit.registration.slabs import rows_grid
 from regkit.spatial import identity_grid
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "registration"
@@ -168,9 +169,7 @@ def fixed_grid(shape: Sequence[int], device=None, rows: Optional[Tuple[int, int]
     if rows is None:
         return identity_grid(shape, device=device, dtype=torch.float64)
     lo, hi = rows
-    x = identity_grid((*shape[:-1], hi - lo), device=device, dtype=torch.float64).clone()
-    x[:, -1] += lo
-    return x
+    return rows_grid((*shape[:-1], hi - lo), lo, device, torch.float64)
 
 
 # -- the pipeline -------------------------------------------------------------------------------

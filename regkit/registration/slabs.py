@@ -352,12 +352,12 @@ class TensorRows(RowSource):
 
 
 # -- rows seen as the whole grid -------------------------------------------------------------------
-def padded_rows(t: Tensor, lo: int, n: int) -> Tensor:
+def padded_rows(t: Tensor, lo: int, n: int, dtype: Optional[torch.dtype] = None) -> Tensor:
     """A copy of ``t`` (rows ``[lo, lo + L)`` of a grid of ``n`` rows along its last axis) stored
     with ``lo`` elements before it and ``n - lo - L`` after, so that :func:`whole_rows` can show it
-    as a tensor of ``n`` rows. Returns the copy (contiguous, ``t``'s shape)."""
+    as a tensor of ``n`` rows. Returns the copy (contiguous, ``t``'s shape, ``dtype`` if given)."""
     rows = t.shape[-1]
-    buf = t.new_empty(lo + t.numel() + (n - lo - rows))
+    buf = torch.empty(lo + t.numel() + (n - lo - rows), dtype=dtype or t.dtype, device=t.device)
     buf[:lo].zero_()
     buf[lo + t.numel():].zero_()
     data = buf[lo:lo + t.numel()].view(t.shape)
@@ -393,8 +393,10 @@ def rows_grid(shape: Sequence[int], lo: int, device, dtype) -> Tensor:
     key = (tuple(shape), int(lo), torch.device(device), dtype)
     grid = _GRIDS.get(key)
     if grid is None:
-        grid = identity_grid(shape, device, dtype).clone()
-        grid[:, -1] += lo
+        # built here rather than from identity_grid, whose cache would keep a second grid of the rows
+        vectors = [torch.arange(n, device=device, dtype=dtype) for n in shape[:-1]]
+        vectors.append(torch.arange(lo, lo + shape[-1], device=device, dtype=dtype))
+        grid = torch.stack(torch.meshgrid(*vectors, indexing="ij")).unsqueeze(0)
         if len(_GRIDS) > 16:  # a few slabs per run
             _GRIDS.clear()
         _GRIDS[key] = grid
@@ -426,12 +428,18 @@ def source_rows(n_src: int, n_dst: int, rows: Rows) -> Rows:
 def interpolate_rows(x: Tensor, x_lo: int, n: int, size: Sequence[int], rows: Rows) -> Tensor:
     """Rows ``rows`` of ``F.interpolate`` (linear, ``align_corners=True``) of a grid of ``n`` rows
     to ``size``, from its rows ``[x_lo, x_lo + L)`` in ``x`` (covering :func:`source_rows`): the
-    kernel runs on the rows seen as the whole grid, so every value is the whole-grid one; it
-    computes the whole destination grid, of which the rows are kept."""
+    kernel runs on the rows seen as the whole grid, so every value is the whole-grid one. It
+    computes the whole destination grid, of which the rows are kept: one channel at a time, so
+    the moment's memory is one channel of the destination grid."""
     mode = "bilinear" if len(size) == 2 else "trilinear"
-    out = F.interpolate(whole_rows(padded_rows(x, x_lo, n), x_lo, n), size=tuple(int(s) for s in size), mode=mode,
-                        align_corners=True)
-    return out[..., rows[0]:rows[1]].contiguous()
+    size = tuple(int(s) for s in size)
+    out = x.new_empty(*x.shape[:2], *size[:-1], rows[1] - rows[0])
+    for c in range(x.shape[1]):
+        whole = F.interpolate(whole_rows(padded_rows(x[:, c:c + 1], x_lo, n), x_lo, n), size=size, mode=mode,
+                              align_corners=True)
+        out[:, c:c + 1] = whole[..., rows[0]:rows[1]]
+        del whole
+    return out
 
 
 def level_rows(source: RowSource, shape: Sequence[int], rows: Rows, antialias: float, whole: bool) -> Tensor:
