@@ -28,7 +28,8 @@ from regkit.errors import InputError
 from regkit.registration.deformable import DeformableRegistration
 from regkit.registration.distributed import (QUANTILE_VOXELS, NormalizedRows, intensity_range,
                                              register_volumes_distributed, strided_subset, write_nifti_rows)
-from regkit.registration.pipeline import load_preset, normalize_intensity
+from regkit.registration.pipeline import Pipeline, load_preset, normalize_intensity
+from regkit.registration.result import AffineResult, StageRecord
 from regkit.registration.pyramid import downsample, level_shape
 from regkit.registration.slabs import (Comm, Slab, SplitLoss, TensorRows, level_rows, padded_rows, resize_rows,
                                        sample_rows, source_rows, split_rows, whole_rows)
@@ -202,8 +203,14 @@ CONFIGS = {
                               regularizers={"bending": 0.5}, symmetric=True, inverse=True),
     # pointwise loss, folding penalty, coarse levels only (the field is upsampled at the end): 2-row slabs
     "mse_coarse": dict(levels=(4, 2), iterations=(8, 6), loss="mse", regularizers={"folding": 1.0, "grad": 0.1}),
+    # refinement of a given field (read by rows at the first level), stopping on the loss's progress
+    "refine_tolerance": dict(levels=(2, 1), iterations=(30, 4), tolerance=0.05, patience=5),
 }
 SHAPE = (20, 18, 24)
+
+
+def _init(name):
+    return smooth_field(SHAPE, 1.0, seed=4).double() if name.startswith("refine") else None
 
 
 def _pair():
@@ -217,23 +224,27 @@ def _join(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
 
 
-def _split_worker(rank, world, port, names, out, files):
+def _split_worker(rank, world, port, names, out, file_runs):
     _join(rank, world, port)
     moving, fixed = _pair()
     for name in names:
+        init = _init(name)
         res = DeformableRegistration(progress=False, **CONFIGS[name]).run(
-            TensorRows(moving), TensorRows(fixed), Comm.from_process_group("cpu"))
+            TensorRows(moving), TensorRows(fixed), Comm.from_process_group("cpu"),
+            None if init is None else TensorRows(init))
         torch.save({"flow": res.flow, "inverse": res.inverse_flow, "rows": res.rows,
                     "losses": [s.losses for s in res.stages]}, f"{out}/{name}_{rank}.pt")
-    if files:
-        register_volumes_distributed(*files, **FILE_RUN)
+    for args, kwargs in file_runs:
+        register_volumes_distributed(*args, **kwargs)
     dist.destroy_process_group()
 
 
 def _check_against_one_process(names, world, out):
     moving, fixed = _pair()
     for name in names:
-        ref = DeformableRegistration(progress=False, **CONFIGS[name])(moving, fixed)
+        ref = DeformableRegistration(progress=False, **CONFIGS[name])(moving, fixed, _init(name))
+        if name == "refine_tolerance":  # the convergence test stopped the first level early, on every process
+            assert ref.stages[0].iterations < 30
         parts = [torch.load(f"{out}/{name}_{r}.pt", weights_only=True) for r in range(world)]
         assert [p["rows"] for p in parts] == [tuple(r) for r in split_rows(SHAPE[-1], world)]
         tol = BENDING_TOL if "bending" in CONFIGS[name].get("regularizers", {}) else 0.0
@@ -259,13 +270,51 @@ def _write_pair(folder):
 
 FILE_RUN = dict(preset="accurate", overrides={"affine": None, "deformable.iterations": [3, 2, 2]}, device="cpu",
                 progress=False)
+# a known world matrix: fixed world -> moving world, a shift of (1.5, -2, 0.75) mm
+SHIFT = np.array([[1.0, 0, 0, 1.5], [0, 1, 0, -2.0], [0, 0, 1, 0.75], [0, 0, 0, 1]])
+
+
+class ShiftAffine:
+    """An affine stage that returns :data:`SHIFT` (the split run calls it on process 0 only)."""
+
+    def register_volumes(self, moving, fixed):
+        return AffineResult(matrix=SHIFT.copy(), stages=[StageRecord("affine", 1, list(fixed.data.shape), 0)])
+
+
+def affine_pipeline():
+    return Pipeline(affine=ShiftAffine(), deformable=DeformableRegistration(levels=(2, 1), iterations=(3, 2),
+                                                                            inverse=True, progress=False),
+                    device="cpu", progress=False)
+
+
+def _write_moving_on_another_grid(folder):
+    """The moving image of the pair on a grid of another size and origin (RAS, 1 mm)."""
+    moving, _, _ = known_pair((22, 17, 27), amplitude=2.0, seed=3)
+    aff = np.array([[1.0, 0, 0, -11], [0, 1, 0, -9], [0, 0, 1, -12], [0, 0, 0, 1]])
+    path = folder / "moving_other_grid.nii"
+    save_nifti(path, moving[0, 0].numpy(), aff)
+    return path
 
 
 def test_two_processes_give_the_single_process_field_and_files(tmp_path):
     paths = _write_pair(tmp_path)
-    mp.spawn(_split_worker, args=(2, free_port(), ["window9"], str(tmp_path), (*paths, tmp_path / "two")),
-             nprocs=2, join=True)
+    other = _write_moving_on_another_grid(tmp_path)
+    runs = [((*paths, tmp_path / "two"), FILE_RUN),
+            ((other, paths[1], tmp_path / "two_affine"), dict(preset=affine_pipeline(), device="cpu", progress=False))]
+    mp.spawn(_split_worker, args=(2, free_port(), ["window9"], str(tmp_path), runs), nprocs=2, join=True)
     _check_against_one_process(["window9"], 2, tmp_path)
+
+    # an affine stage (process 0) and a moving scan on another grid, resampled by rows
+    one = register_volumes_distributed(other, paths[1], tmp_path / "one_affine", preset=affine_pipeline(),
+                                       device="cpu", progress=False)
+    two = json.loads((tmp_path / "two_affine" / "register.json").read_text())
+    assert one["matrix"] == two["matrix"] == SHIFT.tolist() and two["stages"][0]["name"] == "affine"
+    for name in ("flow_voxel", "warped", "inverse_flow_voxel"):
+        a, b = (np.asarray(nib.load(tmp_path / d / f"{name}.nii.gz").dataobj) for d in ("one_affine", "two_affine"))
+        assert np.array_equal(a, b), name
+    ref = affine_pipeline().register(load_volume(other), load_volume(paths[1]))
+    flow = np.asarray(nib.load(tmp_path / "one_affine" / "flow_voxel.nii.gz").dataobj)[:, :, :, 0]
+    assert np.array_equal(flow, ref.flow[0].permute(1, 2, 3, 0).numpy())
 
     one = register_volumes_distributed(*paths, tmp_path / "one", **FILE_RUN)
     two = json.loads((tmp_path / "two" / "register.json").read_text())
@@ -290,8 +339,8 @@ def test_two_processes_give_the_single_process_field_and_files(tmp_path):
 
 
 def test_three_thin_slabs_give_the_single_process_field(tmp_path):
-    names = ["window7_symmetric", "mse_coarse"]
-    mp.spawn(_split_worker, args=(3, free_port(), names, str(tmp_path), None), nprocs=3, join=True)
+    names = ["window7_symmetric", "mse_coarse", "refine_tolerance"]
+    mp.spawn(_split_worker, args=(3, free_port(), names, str(tmp_path), []), nprocs=3, join=True)
     _check_against_one_process(names, 3, tmp_path)
 
 

@@ -55,7 +55,7 @@ from torch import Tensor
 from regkit.data.io import PathLike, load_volume
 from regkit.device import resolve_device
 from regkit.distributed import cleanup, setup
-from regkit.errors import InputError, MissingFileError, check_choice
+from regkit.errors import InputError, MissingFileError, RegkitError, check_choice
 from regkit.registration.pipeline import NORMALIZE, Pipeline, apply_matrix, fixed_grid, load_preset, sample_at, \
     voxel_map, whole_flow
 from regkit.registration.slabs import Comm, RowSource, SlabResult, padded_rows, split_rows, whole_rows
@@ -321,15 +321,45 @@ def _pipeline(preset: Union[str, Pipeline], overrides: Optional[Mapping[str, Any
     return pipe
 
 
+def on_rank_zero(comm: Comm, fn):
+    """``fn()`` on process 0, its result on every process; a bad-input error there is raised on
+    every process (the others would otherwise wait for it until the timeout)."""
+    payload = None
+    if comm.rank == 0:
+        try:
+            payload = ("ok", fn())
+        except RegkitError as exc:
+            payload = ("error", type(exc).__name__, str(exc))
+            if not comm.split:
+                raise
+    payload = comm.broadcast_object(payload)
+    if payload[0] == "error":
+        raise (MissingFileError if payload[1] == "MissingFileError" else InputError)(payload[2])
+    return payload[1]
+
+
 def _run_affine(pipe: Pipeline, comm: Comm, moving: VolumeFile, fixed: VolumeFile):
     """The affine stage on process 0 (whole volumes in host memory); matrix and records broadcast."""
-    result = None
-    if comm.rank == 0:
+
+    def run():
         m, f = load_volume(moving.path), load_volume(fixed.path)
         mt, ft = torch.from_numpy(m.data)[None, None], torch.from_numpy(f.data)[None, None]
-        result = pipe._run_affine(mt, ft, m.affine, f.affine)
-        del m, f, mt, ft
-    return comm.broadcast_object(result)
+        return pipe._run_affine(mt, ft, m.affine, f.affine)
+
+    return on_rank_zero(comm, run)
+
+
+def _prepare_folder(out: Path) -> None:
+    """The output folder, and no temporary file of an earlier run that was killed."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    for name in (*OUTPUTS, "register.json"):
+        for stale in out.glob(f".{name}.tmp*"):
+            stale.unlink(missing_ok=True)
 
 
 def register_volumes_distributed(moving: PathLike, fixed: PathLike, out_dir: PathLike,
@@ -380,7 +410,7 @@ def register_volumes_distributed(moving: PathLike, fixed: PathLike, out_dir: Pat
                 temps.clear()
                 record["seconds"]["total"] = time.perf_counter() - start
                 text = json.dumps(record, indent=1) + "\n"
-                tmp = out / ".register.json.tmp"
+                tmp = out / ".register.json.tmp"  # (removed at the start of a later run if left here)
                 tmp.write_text(text)
                 tmp.replace(out / "register.json")
             return record if comm.rank == 0 else None
@@ -396,10 +426,7 @@ def _register(moving_path, fixed_path, out: Path, preset, overrides, comm: Comm,
     stage = pipe.deformable
     moving, fixed = VolumeFile(moving_path), VolumeFile(fixed_path)
     shape = fixed.shape
-    if comm.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not out.is_dir():
-            raise InputError(f"{out}: is not a folder")
+    on_rank_zero(comm, lambda: _prepare_folder(out))
     seconds: Dict[str, float] = {}
 
     # 1. affine stage (process 0), 2. the moving scan on the fixed grid, by rows

@@ -12,7 +12,8 @@ own global shape). A process *owns* its rows and *holds* them plus ``halo`` rows
 (clipped at the faces of the volume). Why the last axis: NIfTI stores voxels in Fortran order, so
 a range of the last axis is one contiguous block of the file.
 
-Exactness (the owned rows come out as in one process, up to float round-off):
+Exactness (the owned rows come out as in one process, bit for bit with ``lncc_fast``, ``mse``,
+``grad`` and ``folding``; docs/split_registration.md):
 
 * every per-iteration quantity is computed on the held rows, with whatever is wrong near the
   held rows' edges (truncated windows, one-sided differences, replicated borders) confined to
@@ -21,20 +22,19 @@ Exactness (the owned rows come out as in one process, up to float round-off):
   the halo rows are replaced by their owners' values (:meth:`Slab.refresh_halo`);
 * the loss (:class:`SplitLoss`): each process sums the per-voxel terms of its held rows divided
   by the GLOBAL count, so the gradient at its owned rows is the single-process gradient; the
-  value it reports sums its owned rows only, and the sum over processes is the global loss;
+  value it reports sums its owned rows only, and the sum over processes is the global loss
+  (added in another order: the reported values agree to round-off); ``lncc_fast`` is given the
+  whole volume's minima as its shifts;
 * global maxima (the longest update vector, the Lipschitz bound) are maxima over the owned
   voxels, then ``all_reduce(MAX)``: exact whatever the order;
-* pyramid images (:func:`level_rows`) are blurred and resampled from the full-resolution rows
-  that the held rows need, with the global coordinate mapping; fields move between levels by
-  the same linear resampling of the neighbours' rows (:func:`field_rows`);
-* the moving image is held on the rows its sampling positions ``x + u(x)`` can reach
-  (:class:`ImageRegion`): the held rows plus a margin, checked before every iteration and grown
-  (re-read from its source) when the positions come closer to its edge than that.
-
-What differs from one process is only rounding: sampling positions normalised over a region
-instead of the whole grid, another order of the global sums, and the pyramid's resampling in
-float64 positions instead of ``F.interpolate``'s float32 ones (``lncc_fast`` is given the whole
-volume's minima as its shifts, so its window sums round as in one process).
+* sampling and resampling (``grid_sample``, ``F.interpolate``) run on rows seen as the whole
+  grid (:func:`whole_rows`) at global positions, so they round as on the whole grid: pyramid
+  images (:func:`level_rows`) from the full-resolution rows they need, fields between levels
+  from the owners' rows (:func:`field_rows`), the moving image (:class:`ImageRegion`, held on the
+  rows its sampling positions ``x + u(x)`` reach, checked before every iteration and re-read
+  wider when they come closer to its edge) and the field in each composition;
+* the bending energy is evaluated on the held rows and rescaled (round-off, not bit for bit);
+  ``lncc`` and ``lncc_group`` convolve the held rows (the convolution may round differently).
 """
 from __future__ import annotations
 
