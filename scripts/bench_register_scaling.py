@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from regkit.bench.report import command_line, replace_section, write_text
-from regkit.registration.scaling import markdown, run_benchmark
+from regkit.registration.scaling import markdown, merge, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "register_scaling"
@@ -34,21 +34,24 @@ def main(argv=None) -> int:
     p.add_argument("--budget-gib", type=float, nargs="+", default=[16.0, 80.0], help="memory budgets per process")
     p.add_argument("--data", type=Path, default=ROOT / "bench_results" / "scaling_data", help="synthetic pairs (cache)")
     p.add_argument("--json", type=Path, default=ROOT / "bench_results" / "register_scaling.json")
-    p.add_argument("--from-json", type=Path, default=None, help="only redraw the table from an earlier --json")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="only redraw the table from earlier --json files (their runs together)")
     p.add_argument("--out", type=Path, default=None, help="markdown file whose register_scaling section is rewritten")
     p.add_argument("--quick", action="store_true", help="verification: 64^3, 1 and 2 processes, 2 iterations per level")
+    p.add_argument("--note", default="", help="a line under the table's caption (e.g. the machine's conditions)")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.processes, args.iterations = [64], [1, 2], "2,2,2"
     if args.from_json:
-        results = json.loads(args.from_json.read_text())
+        results = merge([json.loads(path.read_text()) for path in args.from_json])
     else:
         iterations = [int(v) for v in args.iterations.split(",")] if args.iterations else None
         results = run_benchmark(args.sizes, args.processes, args.data, args.preset, iterations, args.device,
                                 args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
         write_text(args.json, json.dumps(results, indent=1) + "\n")
     text = markdown(results, args.budget_gib, command_line("python scripts/bench_register_scaling.py",
-                                                           sys.argv[1:] if argv is None else argv))
+                                                           sys.argv[1:] if argv is None else argv, ("--out", "--note")),
+                    args.note)
     print(text)
     if args.out:
         replace_section(args.out, SECTION, text)

@@ -235,14 +235,32 @@ def run_benchmark(sizes: Sequence[int], processes: Sequence[int], data: PathLike
             "runs": [{**asdict(r), "above_start": r.above_start} for r in runs]}
 
 
+def merge(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Several benchmark results of one preset and settings as one (their runs in order; a later
+    run of the same size and process count replaces an earlier one)."""
+    if not results:
+        raise InputError("nothing to merge")
+    first = results[0]
+    for r in results[1:]:
+        if (r["preset"], r["overrides"], r["device"]) != (first["preset"], first["overrides"], first["device"]):
+            raise InputError(f"cannot merge runs of preset {r['preset']} {r['overrides']} on {r['device']} with runs of "
+                             f"{first['preset']} {first['overrides']} on {first['device']}")
+    runs: Dict[Tuple[int, int], Dict[str, Any]] = {}
+    for r in results:
+        for run in r["runs"]:
+            runs[(run["size"], run["processes"])] = run
+    return {**first, "runs": [runs[k] for k in sorted(runs)]}
+
+
 def _runs(results: Dict[str, Any]) -> List[Run]:
     fields = set(Run.__dataclass_fields__)
     return [Run(**{k: v for k, v in r.items() if k in fields}) for r in results["runs"]]
 
 
-def markdown(results: Dict[str, Any], budgets_gib: Sequence[float] = (16.0, 80.0), command: str = "") -> str:
+def markdown(results: Dict[str, Any], budgets_gib: Sequence[float] = (16.0, 80.0), command: str = "",
+             note: str = "") -> str:
     """The docs/benchmarks.md section: one row per run, then the memory model and the largest
-    cube per budget."""
+    cube per budget; ``note`` (e.g. the conditions of the machine) after the caption."""
     runs = _runs(results)
     m = results["machine"]
     single = {r.size: r for r in runs if r.ok and r.processes == 1}
@@ -269,6 +287,8 @@ def markdown(results: Dict[str, Any], budgets_gib: Sequence[float] = (16.0, 80.0
              f"full-resolution halo {results['halo']} rows.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    if note:
+        lines += [note, ""]
     lines.append(markdown_table(
         ["pair", "processes", "rows held (full res.)", "wall s", "s / iteration (full res.)",
          "communication (full res.)", "peak GiB / process", "registration GiB / process", "vs (1/N + halo) of one",
