@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import sys
 from typing import Any, Dict
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from regkit import distributed
+from regkit.checkpoint import to_plain
 from regkit.errors import InputError
-from regkit.training.checkpoint import to_plain
+from regkit.training.callbacks import Checkpoint
+from regkit.training.trainer import Interrupted
 
 log = logging.getLogger("regkit")
 
@@ -24,8 +30,6 @@ def seed_everything(seed: int) -> None:
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
-    from hydra.utils import instantiate as hydra_instantiate
-
     return hydra_instantiate(node, **kwargs) if node is not None else None
 
 
@@ -40,8 +44,6 @@ def _missing_values(node: Any, prefix: str = "") -> list:
 
 def build(cfg: DictConfig) -> Dict[str, Any]:
     """Instantiate data, model, loss, optimizer, scheduler, callbacks, logger and trainer."""
-    from omegaconf import OmegaConf
-
     missing = _missing_values(OmegaConf.to_container(cfg, resolve=False))
     if missing:
         raise InputError(f"missing required value{'s' if len(missing) > 1 else ''}: {', '.join(missing)}; "
@@ -64,6 +66,9 @@ def build(cfg: DictConfig) -> Dict[str, Any]:
 
 def train(cfg: DictConfig) -> Dict[str, float]:
     """Train as configured; returns the final metrics (``val/dice`` etc.)."""
+    placement = distributed.place_sweep_job(cfg)  # its GPU and CPU share under local_parallel
+    if placement:
+        log.info("%s", placement)
     parts = build(cfg)
     trainer = parts["trainer"]
     model = parts["model"]
@@ -71,18 +76,35 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         log.info("model %s: %s parameters | loss: %s | device: %s | output: %s",
                  cfg.model._target_.rsplit(".", 1)[-1], f"{model.num_parameters():,}", parts["loss"].extra_repr(),
                  trainer.device, trainer.output_dir)
-    metrics = trainer.fit(model, parts["loss"], parts["optimizer"], parts["data"],
-                          ckpt_path=cfg.get("ckpt_path"), scheduler=parts["scheduler"])
+    try:
+        metrics = trainer.fit(model, parts["loss"], parts["optimizer"], parts["data"],
+                              ckpt_path=cfg.get("ckpt_path"), scheduler=parts["scheduler"])
+    except Interrupted as exc:
+        saved = next((cb.interrupted_path for cb in trainer.callbacks if isinstance(cb, Checkpoint)), None)
+        if distributed.is_rank_zero():
+            where = f"checkpoint {saved}" if saved else "no checkpoint (no checkpoint callback)"
+            resume = f"; resume with: {resume_command(saved)}" if saved else ""
+            print(f"regkit: interrupted by {exc.signal_name} at epoch {trainer.epoch + 1}, batch "
+                  f"{trainer.batch_in_epoch}: {where}{resume}", file=sys.stderr)
+        raise SystemExit(128 + int(getattr(signal, exc.signal_name, signal.SIGINT))) from None
     if distributed.is_rank_zero():
         report(trainer)
     return metrics
 
 
+def resume_command(checkpoint) -> str:
+    """The command line that continues this run from ``checkpoint``: this run's own overrides
+    (when Hydra started it) with ``ckpt_path`` set."""
+    try:
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+    except ValueError:  # not started by @hydra.main (e.g. the compose API)
+        overrides = []
+    return " ".join(["python train.py", *overrides, f"ckpt_path={checkpoint}"])
+
+
 def report(trainer) -> None:
     """Say where the results went and what validation Dice was reached, before vs after."""
     lines = ["", "=" * 72, f"finished {trainer.epoch}/{trainer.max_epochs} epochs, {trainer.global_step} steps"]
-    from regkit.training.callbacks import Checkpoint
-
     for cb in trainer.callbacks:
         if isinstance(cb, Checkpoint):
             if cb.last_path:

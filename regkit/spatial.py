@@ -66,16 +66,42 @@ def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> Ten
     return grid
 
 
-def _sampling_grid(flow: Tensor) -> Tensor:
-    """grid_sample's normalised (x, y[, z]) grid for ``identity + flow`` (align_corners=True)."""
-    shape = flow.shape[2:]
-    ndim = len(shape)
-    base = identity_grid(shape, flow.device, flow.dtype)
+def sample_at(image: Tensor, coords: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> Tensor:
+    """Sample ``image`` at voxel coordinates.
+
+    Args:
+        image: ``(B, C, *in_shape)``.
+        coords: ``(B, ndim, *out_shape)`` or ``(1, ndim, *out_shape)`` (broadcast over the batch):
+            channel k holds the position along axis k of ``image`` in voxels (0 = first voxel
+            centre, ``n - 1`` = last; ``grid_sample``'s ``align_corners=True``).
+        mode: ``bilinear`` (linear in 2-D and 3-D) or ``nearest``.
+        padding_mode: value outside the image: ``zeros``, ``border`` or ``reflection``.
+    Returns:
+        ``(B, C, *out_shape)`` in the dtype of ``image``; integer images are sampled in the
+        coordinates' float dtype and rounded back. Autocast is off inside: positions need the
+        precision.
+    """
+    check_choice("sampling mode", mode, _MODES)
+    check_choice("padding_mode", padding_mode, _PADDING)
+    ndim = coords.shape[1]
+    in_shape = image.shape[2:]
+    if len(in_shape) != ndim or coords.dim() != ndim + 2:
+        raise InputError(f"coords {tuple(coords.shape)} must be (B, {len(in_shape)}, *out_shape) for an image "
+                         f"{tuple(image.shape)}")
     # 2 / (n - 1) maps voxel index to [-1, 1]; size-1 axes have no extent to normalise.
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=flow.device, dtype=flow.dtype)
-    coords = (base + flow) * scale.view(1, ndim, *([1] * ndim)) - 1.0
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in in_shape], device=coords.device, dtype=coords.dtype)
+    grid = coords * scale.view(1, ndim, *([1] * ndim)) - 1.0
     # grid_sample wants the channel last and in reversed (x = last axis) order.
-    return coords.permute(0, *range(2, ndim + 2), 1).flip(-1)
+    grid = grid.permute(0, *range(2, ndim + 2), 1).flip(-1)
+    if grid.shape[0] != image.shape[0]:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    out_dtype = image.dtype
+    src = image if image.dtype == coords.dtype else image.to(coords.dtype)
+    with torch.autocast(coords.device.type, enabled=False):
+        out = F.grid_sample(src, grid, mode=_MODES[mode], padding_mode=padding_mode, align_corners=True)
+    if not out_dtype.is_floating_point:
+        return out.round().to(out_dtype)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> Tensor:
@@ -96,18 +122,9 @@ def warp(image: Tensor, flow: Tensor, mode: str = "bilinear", padding_mode: str 
     _check_field(image, flow)
     if flow.shape[0] != image.shape[0]:
         flow = flow.expand(image.shape[0], *flow.shape[1:])
-    out_dtype = image.dtype
     if flow.dtype in (torch.float16, torch.bfloat16):
         flow = flow.float()
-    src = image if image.dtype == flow.dtype else image.to(flow.dtype)
-    with torch.autocast(flow.device.type, enabled=False):
-        out = F.grid_sample(src, _sampling_grid(flow), mode=_MODES[mode], padding_mode=padding_mode,
-                            align_corners=True)
-    if not out_dtype.is_floating_point:
-        out = out.round().to(out_dtype)
-    elif out.dtype != out_dtype:
-        out = out.to(out_dtype)
-    return out
+    return sample_at(image, identity_grid(flow.shape[2:], flow.device, flow.dtype) + flow, mode, padding_mode)
 
 
 class SpatialTransformer(nn.Module):

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     args, overrides = p.parse_known_args(argv)
 
     from regkit.evaluation import evaluate
-    from regkit.training.checkpoint import load_checkpoint, load_model
+    from regkit.checkpoint import load_checkpoint, load_model
 
     common = list(overrides)
     teacher = run("teacher", [f"model={args.teacher}", "loss=lncc_fast", f"trainer.max_epochs={args.epochs}"] + common,

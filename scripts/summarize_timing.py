@@ -7,7 +7,7 @@
 Every run folder that has ``.hydra/`` (the composed config) and ``tensorboard/`` (event files) is
 read; nothing is re-run. Per run it takes the per-epoch scalars that every regkit training run
 logs (``time/epoch`` and the breakdown ``time/data``, ``time/forward``, ``time/loss``,
-``time/backward``, ``time/step``, ``throughput/samples_per_s``, peak memory), averages them over
+``time/backward``, ``time/optimizer``, ``throughput/samples_per_s``, peak memory), averages them over
 epochs (the first epoch is left out when there are several, since it carries the warm-up) and
 writes, in the FastLNCC preprint's layout, one row per model with seconds per epoch for
 ``lncc`` (Algorithm 1), ``lncc_group`` (Algorithm 2) and ``lncc_fast`` and the reductions; a
@@ -27,7 +27,7 @@ import yaml
 
 METHODS = ("lncc", "lncc_group", "lncc_fast")
 LABELS = {"lncc": "five convs (Alg. 1)", "lncc_group": "grouped conv (Alg. 2)", "lncc_fast": "lncc_fast"}
-BREAKDOWN = ("data", "forward", "loss", "backward", "step")
+BREAKDOWN = ("data", "forward", "loss", "backward", "optimizer")
 MODEL_ORDER = ["vxm1", "vxm2", "lkunet4", "lkunet", "lkunet16", "transmorph", "student"]
 MODEL_NAMES = {"vxm1": "VM-1", "vxm2": "VM-2", "lkunet": "LKU(8,5)", "lkunet16": "LKU(16,5)", "lkunet4": "LKU(4,5)",
                "transmorph": "TransMorph", "student": "Student"}

@@ -264,7 +264,7 @@ def test_student_is_smaller_than_its_teachers(teacher):
 # --- checkpoints and docs --------------------------------------------------------------------
 @pytest.mark.parametrize("name", MODELS)
 def test_checkpoint_round_trip_rebuilds_the_same_model(name, tmp_path):
-    from regkit.training.checkpoint import load_model, model_spec, save_checkpoint
+    from regkit.checkpoint import load_model, model_spec, save_checkpoint
 
     model = build(name)
     path = save_checkpoint(tmp_path / "m.ckpt", {"model": model_spec(model), "state_dict": model.state_dict()})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import nibabel
 import numpy as np
 
 from regkit.errors import InputError, MissingFileError
@@ -35,12 +36,6 @@ class Volume:
         return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
 
 
-def _nib():
-    import nibabel  # local import: keeps `import regkit` light
-
-    return nibabel
-
-
 def load_volume(path: PathLike, dtype=np.float32, check_finite: bool = True, label: bool = False) -> Volume:
     """Load a 3-D volume (a trailing singleton 4th axis is dropped).
 
@@ -56,7 +51,7 @@ def load_volume(path: PathLike, dtype=np.float32, check_finite: bool = True, lab
     if p.is_dir():
         raise InputError(f"{p}: is a folder, expected an image file")
     try:
-        img = _nib().load(str(p))
+        img = nibabel.load(str(p))
         raw = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(f"{p}: cannot read as a NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
@@ -98,14 +93,13 @@ def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header=None
     its intensity scaling and display range are reset (they described the source's values).
     ``intent`` (e.g. ``"vector"`` for a displacement field stored as ``(X, Y, Z, 1, 3)``) and
     ``description`` (80 characters) are written into the header."""
-    nib = _nib()
     arr = np.asarray(data)
     if dtype is not None:
         arr = arr.astype(dtype)
     hdr = None
     if header is not None:
-        hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
-    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=hdr)
+        hdr = header.copy() if isinstance(header, nibabel.Nifti1Header) else None
+    img = nibabel.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=hdr)
     img.set_data_dtype(arr.dtype)
     if hdr is not None:
         img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
@@ -116,4 +110,4 @@ def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header=None
         img.header.set_intent(intent)
     if description is not None:
         img.header["descrip"] = description[:79].encode()
-    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: nibabel.save(img, tmp))

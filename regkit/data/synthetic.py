@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from regkit.data.io import save_nifti
 from regkit.data.module import PairData
@@ -195,8 +196,6 @@ def generate_synthetic(root, shape=(64, 64, 64), n_train: int = 24, n_val: int =
 
 
 def _write(out: Path, shape, n_train, n_val, n_test, seed, deform, progress) -> None:
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     template = make_template(shape)
     aff = _affine(shape)

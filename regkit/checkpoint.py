@@ -12,23 +12,20 @@ from pathlib import Path
 from typing import Any, Dict
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from regkit.data.io import PathLike, atomic_write
 from regkit.errors import InputError, MissingFileError
+from regkit.models import create_model
 
 FORMAT = "regkit-checkpoint-v1"
 
 
 def to_plain(obj: Any) -> Any:
     """Convert configs, tuples, paths and transformer modules into plain Python data."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
     if hasattr(obj, "spec") and isinstance(obj, nn.Module):
         return obj.spec()
     if isinstance(obj, dict):
@@ -80,12 +77,14 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     return data
 
 
-def load_model(path: PathLike, map_location: Any = "cpu", **overrides: Any) -> nn.Module:
-    """Rebuild a model from a checkpoint through the registry and load its weights."""
-    from regkit.models import create_model
-
-    data = load_checkpoint(path, map_location)
+def model_from_checkpoint(data: Dict[str, Any], **overrides: Any) -> nn.Module:
+    """Rebuild the model of a loaded checkpoint dict through the registry, with its weights."""
     spec = data["model"]
     model = create_model(spec["name"], **{**spec["kwargs"], **overrides})
     model.load_state_dict(data["state_dict"])
     return model
+
+
+def load_model(path: PathLike, map_location: Any = "cpu", **overrides: Any) -> nn.Module:
+    """Rebuild a model from a checkpoint file through the registry and load its weights."""
+    return model_from_checkpoint(load_checkpoint(path, map_location), **overrides)
