@@ -22,10 +22,16 @@ How it measures:
   beyond it fails inside the worker and is reported as "out of memory" instead of waking the
   kernel's OOM killer; a worker killed anyway (SIGKILL) is reported as such.
 
-By default every registered model is measured except the diffeomorphic variants (lkunet_diff),
-whose network is timed under its own name; add them with --models to see the cost of the
-integration. The default run takes about 10 minutes on a quiet 2-core CPU and needs about 12 GiB
-free (TransMorph's forward + backward).
+By default every registered model is measured (the list comes from the registry) except the
+variants whose registration makes them diffeomorphic (lkunet_diff): their network is timed under
+the plain variant's name; add them with --models to see the cost of the integration. The default
+run takes about 10 minutes on a quiet 2-core CPU and needs about 12 GiB free (TransMorph's
+forward + backward).
+
+With --out, the results are also written as JSON next to the markdown (``docs/benchmarks.md`` ->
+``docs/data/bench_models.json``; --json sets another path): the device, size, conditions and
+every worker's result, which scripts/model_table.py reads for the CPU-time column of
+docs/models.md.
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ from pathlib import Path
 
 from doc_sections import replace_section
 from proc_memory import reset_peak_rss, status_kib
+
+from regkit.data.io import atomic_write
 
 SECTION = "bench_models"
 HEADING = "## Models: time and peak memory per registration (`scripts/bench_models.py`)"
@@ -217,6 +225,28 @@ def markdown(results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_models() -> list:
+    """Every registered model but those whose registration sets ``diffeomorphic=True``."""
+    import regkit
+
+    return [n for n in regkit.list_models() if not regkit.models.MODELS.defaults(n).get("diffeomorphic")]
+
+
+def json_record(results: dict, args) -> dict:
+    """What --json writes: plain data, with the markdown's conditions line."""
+    import torch
+
+    return {"format": "regkit-bench-models-v1", "device": args.device, "size": list(args.size),
+            "repeats": args.repeats, "torch": str(torch.__version__), "date": datetime.date.today().isoformat(),
+            "conditions": device_line(args),
+            "command": " ".join(["scripts/bench_models.py"] + args.argv), "results": results}
+
+
+def write_json(path: Path, record: dict) -> None:
+    text = json.dumps(record, indent=1) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -232,20 +262,22 @@ def main(argv=None) -> int:
                     help="per-worker memory cap on CPU (0: available memory at start - 1 GiB)")
     ap.add_argument("--ratio-to", default="student", help="model whose forward time the ratios divide by")
     ap.add_argument("--out", type=Path, help="markdown file whose bench_models section to rewrite")
+    ap.add_argument("--json", type=Path,
+                    help="JSON file for the results (default with --out: data/bench_models.json next to it)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return run_worker(args)
     # The recorded command reproduces the table wherever it is written, so --out is left out.
-    args.argv = [a for i, a in enumerate(argv)
-                 if not (a == "--out" or a.startswith("--out=") or (i and argv[i - 1] == "--out"))]
+    args.argv = [a for i, a in enumerate(argv) if not any(
+        a == opt or a.startswith(opt + "=") or (i and argv[i - 1] == opt) for opt in ("--out", "--json"))]
     if args.repeats < 1 or any(s < 1 for s in args.size):
         ap.error("--repeats and --size must be positive")
 
     import regkit
 
-    names = args.models or [n for n in regkit.list_models() if not n.endswith("_diff")]
+    names = args.models or default_models()
     for name in names:
         regkit.models.MODELS.get(name)  # unknown names fail here, with the valid ones listed
     results = {}
@@ -265,6 +297,10 @@ def main(argv=None) -> int:
     if args.out:
         replace_section(args.out, SECTION, text)
         print(f"wrote {args.out}", file=sys.stderr)
+    json_path = args.json or (args.out.parent / "data" / "bench_models.json" if args.out else None)
+    if json_path:
+        write_json(json_path, json_record(results, args))
+        print(f"wrote {json_path}", file=sys.stderr)
     return 0
 
 

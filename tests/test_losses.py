@@ -314,12 +314,15 @@ def test_dice_with_no_label_present_is_zero_and_differentiable():
 
 
 def test_dice_default_labels_are_the_ixi_structures():
+    from regkit.metrics import IXI_LABELS
+
     assert regkit.create_loss("dice").labels == (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
                                                  41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
+    assert regkit.create_loss("dice", labels="ixi").labels == IXI_LABELS  # by name, defined once (metrics)
 
 
 @pytest.mark.parametrize("labels,match", [([], "non-empty"), (None, "non-empty"), ([1, 1], "distinct"),
-                                          ([1, 2.5], "integer"), ("2,3", "non-empty")])
+                                          ([1, 2.5], "integer"), ("2,3", r"Dice: Unknown label set '2,3'")])
 def test_dice_bad_labels(labels, match):
     with pytest.raises(ValueError, match=match):
         regkit.create_loss("dice", labels=labels)
@@ -405,6 +408,59 @@ def real_batch(tmp_path_factory):
     data = SyntheticData(tmp_path_factory.mktemp("losses"), shape=(24, 24, 24), n_train=2, n_val=0, n_test=0,
                          batch_size=2, normalize="minmax")
     return next(iter(data.train_dataloader()))
+
+
+def public_state(term):
+    """What defines a built term: its class, repr and public attributes (options as stored)."""
+    return type(term), repr(term), {k: v for k, v in vars(term).items() if not k.startswith("_") and k not in ("training", "regkit_spec")}
+
+
+@pytest.mark.parametrize("name", regkit.list_losses())
+def test_config_and_registry_build_the_same_term(name):
+    """configs/loss/<name>.yaml lists its term's options as ${regkit.default:}: built from the YAML,
+    by name through the registry, or added by name to a recipe, the term is the same, so its
+    defaults are written once (the class signature)."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose
+
+    from_yaml = instantiate(compose([f"loss={name}"]).loss).terms[name]
+    assert public_state(from_yaml) == public_state(regkit.create_loss(name))
+    recipe = "loss=bending" if name != "bending" else "loss=grad"  # one without the term
+    added = instantiate(compose([recipe, f"+loss.terms.{name}.weight=1"]).loss)
+    assert public_state(added.terms[name]) == public_state(from_yaml)
+
+
+def test_docs_loss_table_states_the_code_defaults():
+    """docs/losses.md's "options (defaults)" column quotes the class defaults; it must not drift."""
+    import ast
+    import re
+
+    from tests.conftest import ROOT
+
+    rows = {}
+    for line in (ROOT / "docs" / "losses.md").read_text().splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 6 and re.fullmatch(r"`\w+`", cells[0]) and cells[0].strip("`") in regkit.list_losses():
+            rows[cells[0].strip("`")] = cells[4]
+    assert sorted(rows) == regkit.list_losses()
+    previous = None
+    for name, cell in rows.items():
+        quoted = dict(re.findall(r"`(\w+)=([^`]+)`", cell)) if cell != "same" else previous
+        options = regkit.losses.LOSSES.options(name)
+        assert {k: ast.literal_eval(v) for k, v in quoted.items()} == {k: options[k] for k in quoted}, name
+        assert set(quoted) <= set(options) and (quoted or cell == "–" and not options), name
+        previous = quoted
+
+
+def test_term_options_are_overridden_from_the_command_line():
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose
+
+    loss = instantiate(compose(["loss=lncc_fast", "loss.terms.lncc_fast.loss.window=7", "loss.terms.grad.weight=5",
+                                "loss.terms.grad.loss.penalty=l1"]).loss)
+    assert loss.terms["lncc_fast"].window == 7 and loss.terms["grad"].penalty == "l1" and loss.weights["grad"] == 5
 
 
 def _run_config(cfg, batch):

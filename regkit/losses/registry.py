@@ -8,6 +8,12 @@ Each registered loss is a module with an ``inputs`` attribute that says what it 
 * ``"labels"``: ``loss(warped_onehot_labels, fixed_onehot_labels)`` (label supervision).
 
 Every call returns a scalar tensor; lower is better.
+
+A term is a class registered under its config name (``@LOSSES.register(name="lncc") class LNCC``);
+its options and their defaults are its constructor's signature, the one place they are written.
+``create_loss`` builds the class through the registry (an unknown option fails with the valid
+ones), a config's ``_target_`` names the class itself, and ``configs/loss/*.yaml`` list options
+as ``${regkit.default:}`` (:func:`regkit.registry.config_default`) rather than repeating them.
 """
 from __future__ import annotations
 

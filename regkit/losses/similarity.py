@@ -13,6 +13,7 @@ from regkit.losses.lncc import check_image_pair, computes_in_float32
 from regkit.losses.registry import LOSSES
 
 
+@LOSSES.register(name="ncc")
 class NCC(nn.Module):
     """Global normalised cross-correlation loss: ``1 - mean over (b, c) of rho(I_bc, J_bc)``.
 
@@ -47,6 +48,7 @@ class NCC(nn.Module):
         return f"eps={self.eps:g}"
 
 
+@LOSSES.register(name="mse")
 class MSE(nn.Module):
     """Mean squared intensity difference ``mean((warped - fixed)²)`` over every voxel, channel
     and batch item, in intensity units squared (VoxelMorph's MSE similarity)."""
@@ -59,6 +61,7 @@ class MSE(nn.Module):
         return (warped - fixed).pow(2).mean()
 
 
+@LOSSES.register(name="mi")
 class MutualInformation(nn.Module):
     """Negative global mutual information (nats) by Parzen windowing: MONAI's
     ``GlobalMutualInformationLoss`` (a Gaussian kernel on ``num_bins`` bin centres evenly spaced
@@ -98,18 +101,3 @@ class MutualInformation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, sigma_ratio={self.sigma_ratio:g}"
-
-
-@LOSSES.register
-def ncc(eps: float = 1e-12) -> NCC:
-    return NCC(eps=eps)
-
-
-@LOSSES.register
-def mse() -> MSE:
-    return MSE()
-
-
-@LOSSES.register
-def mi(num_bins: int = 23, sigma_ratio: float = 0.5, tol: float = 1e-3) -> MutualInformation:
-    return MutualInformation(num_bins=num_bins, sigma_ratio=sigma_ratio, tol=tol)
