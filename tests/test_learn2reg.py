@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from regkit.data import Learn2RegData
-from regkit.data.keypoints import read_keypoint_pair, read_keypoints
+from regkit.data.keypoints import batch_keypoint_metrics, read_keypoint_pair, read_keypoints
 from regkit.errors import InputError, MissingFileError
 from regkit.learn2reg import (Case, Task, aggregate, case_ids, displacement_array, l2r_warp_labels, main,
                               rank_methods, read_displacement, score_submission, write_displacement,
@@ -282,8 +282,7 @@ def test_learn2reg_data_batches_keypoints_of_different_lengths(tmp_path):
     assert torch.equal(batch["moving_spacing"], torch.ones(2, 3, dtype=torch.float64))
     # the known shift (2, -1, 1): TRE 0 with it, its length without it
     flow = translation((12, 14, 16), (2.0, -1.0, 1.0), torch.float32).expand(2, -1, -1, -1, -1)
-    m = keypoint_metrics(flow, batch["fixed_keypoints"], batch["moving_keypoints"], batch["moving_spacing"],
-                         batch["keypoints_mask"])
+    m = batch_keypoint_metrics(flow, batch)  # what validation reports
     assert torch.all(m["tre"] < 1e-5) and torch.allclose(m["tre_initial"], torch.full((2,), math.sqrt(6), dtype=torch.float64))
     # the loss term, through the composite, from the batch
     loss = CompositeLoss({"keypoints": {"weight": 1.0}})
@@ -310,7 +309,8 @@ def test_learn2reg_data_bad_keypoint_files(tmp_path):
     (tmp_path / "keypointsTr" / "TOY_0001_0001.csv").unlink()
     with pytest.raises(MissingFileError, match=r"TOY_0001_0001\.csv: keypoint file not found"):
         Learn2RegData(path).setup()
-    assert "fixed_keypoints" not in Learn2RegData(path, keypoints=False).setup().datasets["val"][0]
+    item = Learn2RegData(path, keypoints=False).setup().datasets["val"][0]
+    assert "fixed_keypoints" not in item and batch_keypoint_metrics(torch.zeros(1, 3, 12, 14, 16), item) == {}
 
 
 def test_keypoint_loss_values_penalties_and_bad_batches():
@@ -320,16 +320,16 @@ def test_keypoint_loss_values_penalties_and_bad_batches():
     mask = torch.tensor([[True, True, False]])
     flow = torch.zeros(1, 3, *shape, requires_grad=True)
     dist = create_loss("keypoints")(flow, fixed, moving, mask, torch.tensor([1.0, 1.0, 2.0]))
-    assert abs(float(dist) - math.sqrt(1 + 4 + 16)) < 1e-6
+    assert abs(dist.item() - math.sqrt(1 + 4 + 16)) < 1e-6
     sq = create_loss("keypoints", penalty="squared")(flow, fixed, moving, mask)
-    assert abs(float(sq) - 9.0) < 1e-5
+    assert abs(sq.item() - 9.0) < 1e-5
     sq.backward()  # the gradient sits at the two valid points only, pointing along t
     g = flow.grad[0, :, 2, 3, 4]
     assert torch.allclose(g / g.norm(), -t / t.norm(), atol=1e-6) and float(flow.grad[0, :, 0, 0, 0].abs().sum()) == 0
     exact = translation(shape, tuple(t.tolist()), torch.float32).requires_grad_()
     zero = create_loss("keypoints")(exact, fixed, moving, mask)
     zero.backward()
-    assert float(zero) < 1e-6 and torch.isfinite(exact.grad).all()
+    assert zero.item() < 1e-6 and torch.isfinite(exact.grad).all()
     with pytest.raises(InputError, match="needs keypoints, but the batch has no 'fixed_keypoints'"):
         CompositeLoss({"keypoints": {"weight": 1.0}})(RegistrationOutput(torch.zeros(1, 1, *shape), flow), {})
     with pytest.raises(InputError, match="penalty"):

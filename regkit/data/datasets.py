@@ -194,7 +194,10 @@ class Learn2RegData(PairData):
             m, f = entry["moving"], entry["fixed"]
             ml, fl = labels.get(m), labels.get(f)
             has = ml is not None and fl is not None
-            if self.keypoints and keypoint_file(m) is not None and keypoint_file(f) is not None:
+            # listed pairs only: keypoint files correspond within a listed pair, not across the
+            # subjects that unpaired training combines
+            listed = key != "training"
+            if self.keypoints and listed and keypoint_file(m) is not None and keypoint_file(f) is not None:
                 self.keypoint_files[(path(m), path(f))] = (keypoint_file(f), keypoint_file(m))
             return Pair(path(m), path(f), path(ml) if has else None, path(fl) if has else None,
                         id=f"{_stem(Path(m))}->{_stem(Path(f))}")

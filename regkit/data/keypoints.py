@@ -22,6 +22,7 @@ from regkit.data.module import _header
 from regkit.data.pairs import PairDataset
 from regkit.data.resample import resized_spacing
 from regkit.errors import InputError, MissingFileError
+from regkit.metrics import keypoint_metrics
 
 KeypointFiles = Tuple[Path, Path]  # (fixed CSV, moving CSV)
 
@@ -32,6 +33,16 @@ def companion_path(image: str, folder: str, suffix: str = ".csv") -> str:
     ``./keypointsTr/NLST_0001_0000.csv`` (``folder="keypoints"``) or ``./labelsTr/...nii.gz``
     (``folder="labels", suffix=".nii.gz"``)."""
     return image.replace("images", folder).replace(".nii.gz", suffix)
+
+
+def batch_keypoint_metrics(flow: torch.Tensor, batch: dict) -> Dict[str, torch.Tensor]:
+    """``keypoint_metrics`` (``tre``, ``tre_initial``: ``(B,)`` mm, float64) of a batch built by
+    :class:`KeypointPairDataset`, with its mask and the moving spacing; ``{}`` when the batch has
+    no keypoints. What validation and ``regkit-evaluate`` report as TRE."""
+    if batch.get("fixed_keypoints") is None or batch.get("moving_keypoints") is None:
+        return {}
+    return keypoint_metrics(flow, batch["fixed_keypoints"], batch["moving_keypoints"],
+                            batch.get("moving_spacing", batch.get("spacing")), batch.get("keypoints_mask"))
 
 
 def read_keypoints(path: PathLike, ndim: int = 3) -> np.ndarray:
