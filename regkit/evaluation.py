@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from regkit.data.io import atomic_write
+from regkit.data.keypoints import batch_keypoint_metrics
 from regkit.data.module import PairData
 from regkit.device import move_to
 from regkit.errors import InputError, check_choice
@@ -61,8 +62,9 @@ class PairEvaluator:
     A row holds ``id``, ``seconds`` (the prediction), ``nonpos_jac_pct`` and ``sdlogj``; with
     label maps also ``dice_before`` (identity), ``dice`` (mean over the evaluated labels),
     ``dice_groups`` (mean over groups), ``hd95`` (mean over labels, mm), ``dice_<label>``,
-    ``hd95_<label>``, and the lists ``per_label`` / ``per_group``; with a loss, ``loss/<term>``
-    and ``loss/total``.
+    ``hd95_<label>``, and the lists ``per_label`` / ``per_group``; with keypoints (Learn2Reg),
+    ``tre`` and ``tre_before`` in mm (:func:`regkit.metrics.keypoint_metrics`); with a loss,
+    ``loss/<term>`` and ``loss/total``.
     """
 
     def __init__(self, label_mode: str = "nearest", jacobian: bool = True, hd95: bool = False,
@@ -110,6 +112,9 @@ class PairEvaluator:
             if "hd95" in m:
                 for j, lab in enumerate(labels):
                     row[f"hd95_{lab}"] = float(m["hd95"][0, j])
+        kp = batch_keypoint_metrics(out.flow, batch)
+        if kp:  # Learn2Reg keypoint tasks: target registration error in mm
+            row["tre"], row["tre_before"] = float(kp["tre"][0]), float(kp["tre_initial"][0])
         if loss_fn is not None and not dice_only:
             losses = loss_fn(out, batch)
             row.update({f"loss/{k}": float(v) for k, v in losses.terms.items()})
@@ -159,6 +164,7 @@ def _stats(values: List[float]) -> Dict[str, float]:
 SUMMARY_NAMES = {"dice_before": "Dice before (identity)", "dice": "Dice (mean over labels)",
                  "dice_groups": "Dice (mean over groups)", "hd95": "HD95 (mm, mean over labels)",
                  "nonpos_jac_pct": "% voxels with det J <= 0", "sdlogj": "SD log det J",
+                 "tre_before": "keypoint TRE before (mm)", "tre": "keypoint TRE (mm)",
                  "seconds": "seconds per pair (network)"}
 
 

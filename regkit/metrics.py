@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from regkit.errors import InputError, check_choice
+from regkit.keypoints import keypoint_distances
 from regkit.spatial import identity_grid, jacobian_determinant, sample_at
 
 # The 30 FreeSurfer structures evaluated on IXI (TransMorph protocol).
@@ -168,13 +169,15 @@ def group_scores(per_label: Tensor, labels: Sequence[int], groups: Mapping[str, 
 
 
 # -- deformation fields -------------------------------------------------------------------------
-def jacobian_metrics(flow: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+def jacobian_metrics(flow: Tensor, mask: Optional[Tensor] = None, det: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Folding and smoothness of ``x + flow(x)``, per batch item.
 
     Args:
         flow: ``(B, ndim, *spatial)`` displacement in voxels (any dtype; computed in float64).
         mask: optional ``(B, *spatial)`` or ``(B, 1, *spatial)`` boolean region (e.g. the fixed
             image's foreground); ``None`` means every voxel.
+        det: ``jacobian_determinant(flow.double())`` when the caller has it already (it is the
+            costly part at full size), else computed here.
     Returns:
         ``{"nonpos_jac_pct": (B,), "sdlogj": (B,)}`` (float64):
 
@@ -188,7 +191,7 @@ def jacobian_metrics(flow: Tensor, mask: Optional[Tensor] = None) -> Dict[str, T
           script adds 3 before the log; regkit does not), so a pure translation gives 0.
           NaN when no voxel has det J > 0.
     """
-    det = jacobian_determinant(flow.double())
+    det = jacobian_determinant(flow.double()) if det is None else det
     b = det.shape[0]
     det = det.reshape(b, -1)
     if mask is None:
@@ -400,3 +403,103 @@ def pair_metrics(flow: Tensor, moving_label: Optional[Tensor] = None, fixed_labe
         out["hd95"] = h
         out["hd95_mean"] = torch.nanmean(h, dim=1)
     return out
+
+
+# -- keypoints ----------------------------------------------------------------------------------
+def keypoint_metrics(flow: Tensor, fixed_kp, moving_kp, spacing=None, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Target registration error (TRE) of corresponding keypoints, per batch item.
+
+    The fixed keypoints ``p`` are moved by the flow sampled at them (linear interpolation,
+    :func:`regkit.keypoints.sample_points`) and compared with the moving keypoints ``q``:
+    ``TRE_i = ||(p_i + u(p_i) - q_i) * spacing||`` in mm. This is the Learn2Reg evaluation's
+    ``compute_tre`` (which interpolates with a cubic spline: the same values where the fixed
+    keypoints lie on voxel centres, as the corrfield keypoints of its lung tasks do; see
+    ``docs/learn2reg.md``).
+
+    Args:
+        flow: ``(B, ndim, *spatial)`` displacement in voxels on the fixed grid.
+        fixed_kp, moving_kp: ``(B, N, ndim)`` or ``(N, ndim)`` voxel coordinates.
+        spacing: voxel size in mm (the moving image's, as the challenge), ``(ndim,)`` or
+            ``(B, ndim)``; ``None`` gives voxel units.
+        mask: optional ``(B, N)`` bool, the valid keypoints of padded batches
+            (:class:`regkit.data.keypoints.KeypointPairDataset` pads to one length).
+    Returns:
+        float64 ``(B,)`` tensors: ``tre`` (mean over the valid keypoints, mm) and
+        ``tre_initial`` (the same without the flow: ``||(p - q) * spacing||``); NaN for a pair
+        without valid keypoints.
+    """
+    flow = flow.double()
+    after = keypoint_distances(flow, fixed_kp, moving_kp, spacing)
+    before = keypoint_distances(torch.zeros_like(flow[:1]), fixed_kp, moving_kp, spacing)
+    valid = torch.ones_like(after, dtype=torch.bool) if mask is None else torch.as_tensor(mask, device=after.device).bool()
+    if valid.dim() == 1:
+        valid = valid.unsqueeze(0)
+    if valid.shape[-1] != after.shape[-1]:
+        raise InputError(f"keypoint mask has {valid.shape[-1]} entries per pair, the keypoints {after.shape[-1]}")
+    n = valid.sum(-1).double()
+
+    def mean(d: Tensor) -> Tensor:
+        s = torch.where(valid, d, torch.zeros_like(d)).sum(-1)
+        return torch.where(n > 0, s / n.clamp_min(1), torch.full_like(s, float("nan")))
+
+    return {"tre": mean(after), "tre_initial": mean(before.expand_as(after))}
+
+
+# -- the Learn2Reg challenge's variants ---------------------------------------------------------
+# The current Learn2Reg evaluation (MDL-UzL/L2R, evaluation/evaluation.py and utils.py) computes
+# det J on the interior (2 voxels cropped from every side), adds 3 and clips to [1e-9, 1e9]
+# before the logarithm. regkit's own jacobian_metrics adds nothing; docs/learn2reg.md compares.
+L2R_JACOBIAN_OFFSET = 3.0
+L2R_JACOBIAN_CLIP = (1e-9, 1e9)
+L2R_JACOBIAN_CROP = 2
+
+
+def l2r_sdlogj(flow: Tensor, mask: Optional[Tensor] = None, det: Optional[Tensor] = None) -> Tensor:
+    """The Learn2Reg challenge's ``LogJacDetStd``, per batch item ``(B,)`` float64.
+
+    ``std(log(clip(det J + 3, 1e-9, 1e9)))`` (population std) over the voxels at least 2 voxels
+    from the border, with det J from central differences (:func:`regkit.spatial.jacobian_determinant`,
+    whose interior values are the challenge's). With ``mask`` (the fixed image's mask, tasks with
+    ``masked_evaluation``) only the interior voxels where ``mask == 1`` count, as the challenge's
+    masked array does. Because of the +3, folds (det J <= 0) are not excluded and the value is
+    not regkit's ``sdlogj``; a translation gives 0 in both. ``det``: as in :func:`jacobian_metrics`.
+    """
+    c = L2R_JACOBIAN_CROP
+    det = jacobian_determinant(flow.double()) if det is None else det
+    if any(n <= 2 * c for n in det.shape[1:]):
+        raise InputError(f"l2r_sdlogj: the field {tuple(flow.shape)} has no voxels {c} away from every border")
+    inner = (slice(None),) + (slice(c, -c),) * (det.dim() - 1)
+    logd = (det[inner] + L2R_JACOBIAN_OFFSET).clamp(*L2R_JACOBIAN_CLIP).log().reshape(det.shape[0], -1)
+    if mask is None:
+        region = torch.ones_like(logd, dtype=torch.bool)
+    else:
+        m = _squeeze_labels(torch.as_tensor(mask, device=det.device))
+        if tuple(m.shape[-det.dim() + 1:]) != tuple(det.shape[1:]):
+            raise InputError(f"l2r_sdlogj: mask shape {tuple(m.shape)} does not match the field's grid {tuple(det.shape[1:])}")
+        region = (m.expand_as(det)[inner] == 1).reshape(det.shape[0], -1)
+    n = region.sum(1).double()
+    mean = torch.where(region, logd, torch.zeros_like(logd)).sum(1) / n.clamp_min(1)
+    var = (torch.where(region, logd - mean[:, None], torch.zeros_like(logd)) ** 2).sum(1) / n.clamp_min(1)
+    return torch.where(n > 0, var.sqrt(), torch.full_like(n, float("nan")))
+
+
+def l2r_absent(fixed: Tensor, moving: Tensor, labels: Sequence[int]) -> Tensor:
+    """``(B, len(labels))`` bool: the label is missing from the fixed or the (unwarped) moving
+    map, which the Learn2Reg evaluation scores as NaN for Dice and HD95."""
+    f, m = _squeeze_labels(fixed), _squeeze_labels(moving)
+    b, n = f.shape[0], len(labels)
+
+    def present(x: Tensor) -> Tensor:
+        cols = label_columns(x.reshape(b, -1), labels)
+        offset = torch.arange(b, device=x.device).view(b, 1) * (n + 1)
+        return torch.bincount((offset + cols).reshape(-1), minlength=b * (n + 1)).view(b, n + 1)[:, 1:] > 0
+
+    return ~(present(f) & present(m))
+
+
+def l2r_dice(warped: Tensor, fixed: Tensor, moving: Tensor, labels: Sequence[int]) -> Tensor:
+    """The Learn2Reg challenge's per-label Dice ``(B, len(labels))``, float64: :func:`dice` of
+    the warped moving and the fixed map, NaN where the label is absent from the fixed or the
+    unwarped moving map (regkit's :func:`dice` is NaN only when absent from both compared maps)."""
+    d = dice(warped, fixed, labels)
+    return torch.where(l2r_absent(fixed, moving, labels).to(d.device), torch.full_like(d, float("nan")), d)

@@ -155,6 +155,12 @@ class Predictor:
         """A raw scan's intensities as the training images had them (float32)."""
         return normalize_intensity(np.asarray(image, dtype=np.float32), self.spec.normalize).astype(np.float32)
 
+    def prepare(self, images: Tensor) -> Tensor:
+        """Raw images ``(B, C, *spatial)`` normalised as in training, each image on its own
+        (float32, on the CPU: the normalisations work on NumPy arrays)."""
+        out = [torch.from_numpy(self.normalize(x.detach().cpu().numpy())) for x in images.reshape(-1, *images.shape[2:])]
+        return torch.stack(out).reshape(images.shape)
+
     def network_shape(self, shape: Sequence[int]) -> Tuple[int, ...]:
         """The grid size the network runs at for inputs of ``shape`` (the shape policy)."""
         shape = tuple(int(s) for s in shape)

@@ -194,6 +194,9 @@ def _inputs_for(term, shape=(1, 1, 16, 16, 16)):
         return torch.rand(shape), torch.rand(shape)
     if term.inputs == "flow":
         return (torch.randn(shape[0], 3, *shape[2:]),)
+    if term.inputs == "keypoints":
+        fixed = torch.rand(shape[0], 10, 3) * (shape[2] - 1)
+        return torch.randn(shape[0], 3, *shape[2:]), fixed, fixed + torch.randn(shape[0], 10, 3)
     k = len(term.labels)
     return torch.rand(shape[0], k, *shape[2:]), (torch.rand(shape[0], k, *shape[2:]) > 0.5).float()
 
@@ -201,7 +204,7 @@ def _inputs_for(term, shape=(1, 1, 16, 16, 16)):
 @pytest.mark.parametrize("name", regkit.list_losses())
 def test_every_loss_runs_with_defaults(name):
     term = regkit.create_loss(name)
-    assert term.inputs in ("images", "flow", "labels")
+    assert term.inputs in ("images", "flow", "labels", "keypoints")
     value = term(*_inputs_for(term))
     assert value.dim() == 0 and torch.isfinite(value)
 
@@ -402,12 +405,17 @@ def test_composite_folding_acts_on_the_displacement():
 # ----------------------------------------------------------------------------- configs on a real batch
 @pytest.fixture(scope="module")
 def real_batch(tmp_path_factory):
-    """One training batch of the synthetic NIfTI dataset (images, label maps), as the trainer sees it."""
+    """One training batch of the synthetic NIfTI dataset (images, label maps), as the trainer sees it,
+    plus keypoints as a Learn2Reg dataset's batches carry them (padded, with a mask)."""
     from regkit.data.synthetic import SyntheticData
 
     data = SyntheticData(tmp_path_factory.mktemp("losses"), shape=(24, 24, 24), n_train=2, n_val=0, n_test=0,
                          batch_size=2, normalize="minmax")
-    return next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
+    fixed = torch.rand(2, 12, 3, generator=torch.Generator().manual_seed(0)) * 23
+    batch.update(fixed_keypoints=fixed.double(), moving_keypoints=(fixed + 1.5).double(),
+                 keypoints_mask=torch.arange(12).expand(2, 12) < torch.tensor([[12], [9]]))
+    return batch
 
 
 def public_state(term):

@@ -165,7 +165,7 @@ def test_a_model_is_one_registered_function_and_one_yaml(toy_configs, tmp_path, 
     from hydra.utils import instantiate
 
     from regkit.experiment import train
-    from regkit.training.checkpoint import load_checkpoint, load_model
+    from regkit.checkpoint import load_checkpoint, load_model
 
     # built and checked against its metadata like every model (tests/test_models.py)
     assert "toy" in regkit.list_models()

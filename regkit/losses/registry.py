@@ -5,7 +5,8 @@ Each registered loss is a module with an ``inputs`` attribute that says what it 
 * ``"images"``: ``loss(warped, fixed)`` (similarity terms);
 * ``"flow"``: ``loss(flow)`` (regularisers; the velocity field for diffeomorphic models, or
   the displacement when the term has ``uses_displacement = True``);
-* ``"labels"``: ``loss(warped_onehot_labels, fixed_onehot_labels)`` (label supervision).
+* ``"labels"``: ``loss(warped_onehot_labels, fixed_onehot_labels)`` (label supervision);
+* ``"keypoints"``: ``loss(flow, fixed_kp, moving_kp, mask, spacing)`` (keypoint supervision).
 
 Every call returns a scalar tensor; lower is better.
 

@@ -6,6 +6,7 @@ returns a scalar, lower is better. LNCC, the local windowed correlation, is in `
 from __future__ import annotations
 
 import torch
+from monai.losses import GlobalMutualInformationLoss
 from torch import Tensor, nn
 
 from regkit.errors import InputError
@@ -78,8 +79,6 @@ class MutualInformation(nn.Module):
 
     def __init__(self, num_bins: int = 23, sigma_ratio: float = 0.5, tol: float = 1e-3) -> None:
         super().__init__()
-        from monai.losses import GlobalMutualInformationLoss
-
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise InputError(f"MutualInformation: num_bins must be an integer >= 2, got {num_bins!r}")
         if not sigma_ratio > 0:

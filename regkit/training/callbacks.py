@@ -61,8 +61,8 @@ class Validation(Callback):
 
     Logs the mean over pairs of each metric as ``val/<metric>``: ``val/dice`` (mean over the
     dataset's ``eval_labels``), ``val/dice_groups`` (over its label groups, e.g. the IXI 17),
-    ``val/nonpos_jac_pct`` (% voxels with det J <= 0), ``val/sdlogj``, ``val/hd95`` (mm), and
-    ``val/loss/<term>``; also ``time/validation`` and a picture ``val/slices`` of the first pair
+    ``val/nonpos_jac_pct`` (% voxels with det J <= 0), ``val/sdlogj``, ``val/hd95`` (mm),
+    ``val/tre`` (mm, keypoint tasks) and ``val/loss/<term>``; also ``time/validation`` and a picture ``val/slices`` of the first pair
     (:func:`slice_panel`). Before the first epoch it logs the unregistered Dice (identity
     transform) as ``val/dice`` at epoch 0 and ``val/dice_before``. Conventions:
     ``docs/evaluation.md``.
@@ -93,8 +93,13 @@ class Validation(Callback):
             trainer.logger.log_text("val/label_mode", self.evaluator.label_mode)
         if self.before_training and trainer.epoch == 0 and trainer.data.val_dataloader() is not None:
             metrics = self.evaluate(trainer, identity=True)
+            before = {}
             if "val/dice" in metrics:
-                trainer.log({"val/dice": metrics["val/dice"], "val/dice_before": metrics["val/dice"]}, step=0)
+                before.update({"val/dice": metrics["val/dice"], "val/dice_before": metrics["val/dice"]})
+            if "val/tre_before" in metrics:
+                before.update({"val/tre": metrics["val/tre_before"], "val/tre_before": metrics["val/tre_before"]})
+            if before:
+                trainer.log(before, step=0)
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         if trainer.epoch % self.every_n_epochs and trainer.epoch != trainer.max_epochs:
@@ -126,8 +131,10 @@ class Validation(Callback):
             rows.update(part)
         scalars = PairEvaluator.summarize(rows)
         keys = {"dice": "val/dice", "dice_groups": "val/dice_groups", "hd95": "val/hd95",
-                "nonpos_jac_pct": "val/nonpos_jac_pct", "sdlogj": "val/sdlogj"}
+                "nonpos_jac_pct": "val/nonpos_jac_pct", "sdlogj": "val/sdlogj", "tre": "val/tre"}
         metrics = {tag: scalars[key] for key, tag in keys.items() if key in scalars}
+        if identity and "tre" in scalars:
+            metrics["val/tre_before"] = scalars["tre"]
         metrics.update({f"val/{k}": v for k, v in scalars.items() if k.startswith("loss/")})
         if result.example is not None and trainer.logger is not None:
             batch, out = result.example
