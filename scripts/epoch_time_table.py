@@ -2,9 +2,10 @@
 """Reproduce the FastLNCC preprint's epoch-time table with lncc, lncc_group and lncc_fast.
 
 One command runs the grid models x {lncc, lncc_group, lncc_fast} as a Hydra multirun of
-``train.py experiment=epoch_time`` (every job logs its per-epoch timing to TensorBoard), then
-summarises the sweep folder into a markdown table (the preprint's layout, with reductions), a
-CSV and a PNG bar chart (the preprint's Figure 1 style), all written into the sweep folder.
+``train.py experiment=epoch_time`` (every job trains with regkit's Trainer and logs its
+per-epoch timing to TensorBoard), then summarises the sweep folder into a markdown table (the
+preprint's layout, with reductions), a CSV and a PNG bar chart (the preprint's Figure 1 style),
+all written into the sweep folder (``regkit.bench.epoch_time``).
 
     python scripts/epoch_time_table.py                  # GPU protocol: 403 pairs, 160x192x224, 5 epochs
     python scripts/epoch_time_table.py --preset cpu     # 2-core CPU: 80x96x112, 8 pairs, 3 epochs, VM-1/VM-2
@@ -21,16 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import summarize_timing  # noqa: E402
+from regkit.bench.epoch_time import PRESETS, summarize, sweep_command
+from regkit.bench.report import write_text
+from regkit.errors import RegkitError
 
-PRESETS = {
-    "gpu": dict(models="vxm1,vxm2,lkunet,lkunet16,transmorph", shape="160,192,224", pairs=403, epochs=5, extra=[]),
-    # 8 pairs, cached in memory; channels-last keeps CPU convolutions on the fast path
-    "cpu": dict(models="vxm1,vxm2", shape="80,96,112", pairs=8, epochs=3,
-                extra=["dataset.cache=true", "dataset.num_workers=0", "trainer.device=cpu"]),
-}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> int:
@@ -46,15 +42,11 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides passed to every job")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    models = args.models or preset["models"]
-    shape = args.shape or preset["shape"]
-    pairs = args.pairs or preset["pairs"]
-    epochs = args.epochs or preset["epochs"]
+    shape, pairs = args.shape or preset["shape"], args.pairs or preset["pairs"]
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     sweep = (args.sweep_dir or ROOT / "outputs" / "epoch_time" / "multiruns" / stamp).resolve()
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=epoch_time", f"model={models}",
-           f"loss={args.losses}", f"dataset.shape=[{shape}]", f"dataset.n_train={pairs}",
-           f"trainer.max_epochs={epochs}", f"hydra.sweep.dir={sweep}", *preset["extra"], *args.overrides]
+    cmd = sweep_command(ROOT / "train.py", sweep, args.models or preset["models"], args.losses, shape, pairs,
+                        args.epochs or preset["epochs"], [*preset["extra"], *args.overrides])
     print("running:", " ".join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=ROOT)
     if result.returncode != 0:
@@ -62,14 +54,16 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return result.returncode
     title = f"Training time per epoch ({pairs} pairs, {shape.replace(',', '×')}, batch 1, window 9)"
-    argv_sum = [str(sweep), "--out", str(sweep / "epoch_time.md"), "--csv", str(sweep / "epoch_time.csv"),
-                "--png", str(sweep / "epoch_time.png"), "--title", title]
-    status = summarize_timing.main(argv_sum)
-    if status == 0 and args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text((sweep / "epoch_time.md").read_text())
+    try:
+        text = summarize([sweep], sweep / "epoch_time.md", sweep / "epoch_time.csv", sweep / "epoch_time.png", title)
+    except RegkitError as exc:
+        print(f"epoch_time_table: error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    if args.out:
+        write_text(args.out, text + "\n")
     print(f"\ntable: {sweep / 'epoch_time.md'}\nchart: {sweep / 'epoch_time.png'}\ncsv:   {sweep / 'epoch_time.csv'}")
-    return status
+    return 0
 
 
 if __name__ == "__main__":

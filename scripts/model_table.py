@@ -13,9 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from doc_sections import read_section, replace_section
-
 import regkit
+from regkit.bench.report import read_section, replace_section
 from regkit.errors import InputError
 
 SECTION = "model_table"
