@@ -27,6 +27,7 @@ from regkit.data.io import atomic_write
 from regkit.errors import InputError, MissingFileError
 from regkit.training.timing import PHASES
 
+SECTION = "epoch_time"
 METHODS = ("lncc", "lncc_group", "lncc_fast")
 LABELS = {"lncc": "five convs (Alg. 1)", "lncc_group": "grouped conv (Alg. 2)", "lncc_fast": "lncc_fast"}
 BREAKDOWN = tuple(PHASES)  # the trainer's timing phases, as it logs them (time/<phase>)
