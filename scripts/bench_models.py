@@ -38,18 +38,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from doc_sections import replace_section
-from proc_memory import reset_peak_rss, status_kib
+from regkit.bench.machine import device_name, load_average
+from regkit.bench.memory import PeakMemory, mem_available_gib, out_of_memory
+from regkit.bench.report import replace_section
+from regkit.bench.timing import time_calls
 
 from regkit.data.io import atomic_write
 
@@ -75,7 +74,6 @@ def worker(args) -> dict:
     model = regkit.create_model(args.worker).to(device)
     moving = torch.rand(1, 1, *args.size, device=device)
     fixed = torch.rand(1, 1, *args.size, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if args.phase == "forward":
         model.eval()
@@ -91,59 +89,24 @@ def worker(args) -> dict:
             out = model(moving, fixed)
             torch.mean((out.warped - fixed) ** 2).backward()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        reset = reset_peak_rss()
-        base = status_kib("VmRSS") * 1024
-        method = "VmHWM" if reset else "ru_maxrss"
-    sync()
-    t0 = time.perf_counter()
-    call()
-    sync()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    elif method == "VmHWM":
-        peak = status_kib("VmHWM") * 1024 - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"params": model.num_parameters(), "first_s": first, "times_s": times,
-            "median_s": statistics.median(times), "peak_bytes": peak, "memory": method}
+    with PeakMemory(device) as memory:  # over the warm-up and the timed calls
+        timing = time_calls(call, args.repeats, warmup=1, device=device)
+    return {"params": model.num_parameters(), "first_s": timing.first, "times_s": timing.times,
+            "median_s": timing.median, "peak_bytes": memory.peak_bytes, "memory": memory.kind}
 
 
 def run_worker(args) -> int:
     try:
         result = worker(args)
     except (RuntimeError, MemoryError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        oom = isinstance(exc, MemoryError) or any(
-            s in text.lower() for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
-        result = {"error": ("out of memory: " if oom else "failed: ") + text[:200]}
+        oom = out_of_memory(exc)
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        result = {"error": f"out of memory: {oom}" if oom else f"failed: {text}"}
     print(json.dumps(result))
     return 0
 
 
 # -- parent -------------------------------------------------------------------------------------
-def mem_available_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024 ** 2
-    except OSError:
-        pass
-    return float("nan")
-
-
 def measure(name: str, phase: str, args) -> dict:
     limit = args.mem_limit_gb or max(1.0, mem_available_gib() - 1.0)
     cmd = [sys.executable, __file__, "--worker", name, "--phase", phase, "--device", args.device,
@@ -167,26 +130,11 @@ def measure(name: str, phase: str, args) -> dict:
     return result
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_line(args) -> str:
     import torch
 
-    if args.device == "cuda":
-        dev = torch.cuda.get_device_name(0)
-    else:
-        threads = args.threads or torch.get_num_threads()
-        dev = f"CPU {cpu_name()}, {os.cpu_count()} cores, {threads} torch threads"
-    load = ", load average at start {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
+    dev = ("" if args.device == "cuda" else "CPU ") + device_name(args.device, args.threads or None)
+    load = f", load average at start {load_average():.1f}"
     return (f"Device: {dev}{load}. torch {torch.__version__}, {datetime.date.today().isoformat()}. "
             f"Input {'x'.join(map(str, args.size))}, batch 1, one channel; median of {args.repeats} "
             f"timed calls after one warm-up call.")

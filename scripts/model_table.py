@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
-from doc_sections import read_section, replace_section
 from torch.utils.flop_counter import FlopCounterMode
 
 import regkit
+from regkit.bench.report import read_section, replace_section
 from regkit.errors import InputError
 from regkit.models import MODELS
 from regkit.models.base import pad_to_multiple

@@ -145,6 +145,25 @@ def render(labels: torch.Tensor, gen: torch.Generator, noise: float = 0.015) -> 
     return img.clamp(0, 1)[0, 0]
 
 
+def make_subject(template: torch.Tensor, gen: torch.Generator, magnitude: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One synthetic subject: ``template`` deformed by a random diffeomorphism of at most about
+    ``magnitude`` voxels, rendered. Returns (image float64 in [0, 1], labels int64), both ``(*shape)``."""
+    phi = random_deformation(template.shape, gen, magnitude)
+    labels = warp(template[None, None].double(), phi, mode="nearest")[0, 0].long()
+    return render(labels, gen), labels
+
+
+def synthetic_pair(shape: Sequence[int], seed: int = 0, deform: float = 0.12) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The atlas (moving) and the first training subject (fixed) of :func:`generate_synthetic`
+    with the same ``shape``, ``seed`` and ``deform``, in memory: two float64 ``(*shape)`` images."""
+    shape = tuple(int(s) for s in shape)
+    gen = torch.Generator().manual_seed(seed)
+    template = make_template(shape)
+    atlas = render(template, gen)
+    subject, _ = make_subject(template, gen, deform * sum(shape) / 3)
+    return atlas, subject
+
+
 def _affine(shape) -> np.ndarray:
     aff = np.eye(4)
     aff[:3, 3] = -(np.asarray(shape) - 1) / 2.0  # 1 mm voxels, world origin at the centre
@@ -212,9 +231,8 @@ def _write(out: Path, shape, n_train, n_val, n_test, seed, deform, progress) -> 
             pairs = []
             for k in range(count):
                 name = f"{split}_{k:03d}"
-                phi = random_deformation(shape, gen, magnitude)
-                lab = warp(template[None, None].double(), phi, mode="nearest")[0, 0].long()
-                save_nifti(out / "images" / f"{name}.nii.gz", render(lab, gen).numpy().astype(np.float32), aff)
+                image, lab = make_subject(template, gen, magnitude)
+                save_nifti(out / "images" / f"{name}.nii.gz", image.numpy().astype(np.float32), aff)
                 save_nifti(out / "labels" / f"{name}.nii.gz", lab.numpy().astype(np.int16), aff)
                 pairs.append(Pair(out / "images" / "atlas.nii.gz", out / "images" / f"{name}.nii.gz",
                                   out / "labels" / "atlas.nii.gz", out / "labels" / f"{name}.nii.gz",

@@ -22,6 +22,7 @@ from regkit.losses.registry import LOSSES
 PENALTIES = ("distance", "squared")
 
 
+@LOSSES.register(name="keypoints")
 class KeypointLoss(nn.Module):
     """Mean keypoint error over the valid keypoints of the batch.
 
@@ -60,8 +61,3 @@ class KeypointLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"penalty={self.penalty!r}"
-
-
-@LOSSES.register
-def keypoints(penalty: str = "distance") -> KeypointLoss:
-    return KeypointLoss(penalty=penalty)
