@@ -28,13 +28,13 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from regkit.data.io import Volume, atomic_write, load_volume, save_nifti
+from regkit.data.io import Volume, atomic_write, check_output_folder, load_volume, save_nifti
 from regkit.data.module import affine_mismatch
 from regkit.data.resample import resample_to_grid, transform_points
 from regkit.device import resolve_device
 from regkit.errors import InputError, check_choice
 from regkit.metrics import LABEL_MODES, dice, jacobian_metrics, resolve_labels, sample_labels
-from regkit.predictor import SHAPE_POLICIES, Predictor
+from regkit.predictor import INTENSITY_POLICIES, SHAPE_POLICIES, Predictor
 from regkit.spatial import identity_grid, jacobian_determinant, sample_at
 
 MOVING_GRIDS = ("world", "voxel")
@@ -121,6 +121,24 @@ def write_outputs(out_dir, fixed: Volume, arrays: Dict[str, tuple], record: Dict
     return record
 
 
+# A registration worse than these is reported as suspect (no registration has Dice "before" and 0% folding).
+DICE_DROP_WARN = 0.02
+FOLDING_PCT_WARN = 1.0
+
+
+def sanity_warnings(record: Dict[str, Any]) -> List[str]:
+    """Warnings for a result far worse than no registration: Dice below the unregistered Dice
+    (when labels are given), or more than 1% of the voxels folded (det J <= 0)."""
+    warnings = []
+    if "dice" in record and record["dice"] < record["dice_before"] - DICE_DROP_WARN:
+        warnings.append(f"Dice fell from {record['dice_before']:.4f} (no registration) to {record['dice']:.4f}: this "
+                        f"result is worse than not registering (check the intensities, the model and the pair)")
+    if record.get("nonpos_jac_pct", 0.0) > FOLDING_PCT_WARN:
+        warnings.append(f"{record['nonpos_jac_pct']:.2f}% of the voxels fold (det J <= 0; no registration has 0%): "
+                        f"the field is not plausible (check the intensities, the model and the pair)")
+    return warnings
+
+
 def load_inputs(moving, fixed, moving_label=None, fixed_label=None):
     """Read and check the scans and label maps (one-line errors naming the file)."""
     mov = load_volume(moving, np.float32)
@@ -136,7 +154,7 @@ def load_inputs(moving, fixed, moving_label=None, fixed_label=None):
 def register_files(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_label=None,
                    shape_policy: str = "resample", moving_grid: str = "world", label_mode: str = "nearest",
                    labels=None, device: str = "auto", finetune_steps: int = 0,
-                   finetune_lr: float = 1e-3, progress: bool = True) -> Dict[str, Any]:
+                   finetune_lr: float = 1e-3, progress: bool = True, intensity: str = "rescale") -> Dict[str, Any]:
     """Register ``moving`` to ``fixed`` with the network of ``checkpoint`` and write the outputs
     listed in the module docstring. Returns the record also saved as ``register.json``.
 
@@ -148,15 +166,20 @@ def register_files(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_
             voxel by voxel (``voxel``: headers ignored, equal sizes required).
         finetune_steps: instance optimisation of the network's weights on this pair first
             (:meth:`~regkit.predictor.Predictor.finetune`); the checkpoint file is not changed.
+        intensity: scans far outside the training intensity range after the recorded
+            normalisation: ``rescale`` onto it (default), ``error`` or ``keep``
+            (:meth:`~regkit.predictor.Predictor.check_intensity`).
     """
     check_choice("shape policy", shape_policy, SHAPE_POLICIES)
     check_choice("moving grid", moving_grid, MOVING_GRIDS)
     check_choice("label_mode", label_mode, LABEL_MODES)
+    check_choice("intensity policy", intensity, INTENSITY_POLICIES)
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise InputError(f"finetune_steps must be an integer >= 0, got {finetune_steps!r}")
     if not finetune_lr > 0:
         raise InputError(f"finetune_lr must be > 0, got {finetune_lr}")
     start = time.perf_counter()
+    check_output_folder(out_dir)
     dev = resolve_device(device)
     predictor = Predictor.from_checkpoint(checkpoint, device=dev, shape_policy=shape_policy)
     if finetune_steps:
@@ -166,8 +189,14 @@ def register_files(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_
         raise InputError(f"{moving}: {mov.data.ndim}-D volume, the model registers {predictor.ndim}-D images")
     notes: List[str] = []
 
-    # 1. the moving scan on the fixed grid, as the network sees it
-    mov_n, fix_n = _tensor(predictor.normalize(mov.data)), _tensor(predictor.normalize(fix.data))
+    # 1. the moving scan on the fixed grid, as the network sees it, in the training intensity range
+    prepared = []
+    for vol, path in ((mov, moving), (fix, fixed)):
+        image, note = predictor.check_intensity(predictor.normalize(vol.data), str(path), intensity)
+        prepared.append(_tensor(image))
+        if note:
+            notes.append(note)
+    mov_n, fix_n = prepared
     voxel_map = np.eye(mov.data.ndim + 1)
     if not same_grid(mov, fix):
         if moving_grid == "voxel":
@@ -202,5 +231,6 @@ def register_files(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_
         labels = list(predictor.spec.eval_labels)
     record["seconds_network"] = net_seconds
     arrays = registration_outputs(fix, mov, flow, voxel_map, record, mlab, flab, label_mode, labels)
+    record["warnings"] = sanity_warnings(record)
     record["seconds_total"] = time.perf_counter() - start
     return write_outputs(out_dir, fix, arrays, record)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Optional, Sequence
 
 from regkit.cli import exit_on_user_error
 from regkit.inference import MOVING_GRIDS, register_files
 from regkit.metrics import LABEL_MODES
-from regkit.predictor import SHAPE_POLICIES
+from regkit.predictor import INTENSITY_POLICIES, SHAPE_POLICIES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
                    help="instance optimisation: adapt the network to this pair first (Adam steps on the "
                         "training loss, images only; default 0 = off)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="learning rate of --finetune-steps")
+    p.add_argument("--intensity", default="rescale", choices=INTENSITY_POLICIES,
+                   help="scans far outside the network's training intensity range (after its normalisation): "
+                        "rescale onto it (default), error, or keep")
     return p
 
 
@@ -60,13 +64,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def run():
         r = register_files(args.checkpoint, args.moving, args.fixed, args.out, args.moving_label, args.fixed_label,
                            args.shape_policy, args.moving_grid, args.label_mode, labels, args.device,
-                           args.finetune_steps, args.finetune_lr)
+                           args.finetune_steps, args.finetune_lr, intensity=args.intensity)
         if r["finetune"]:
             f = r["finetune"]
             print(f"instance optimisation: {f['steps']} steps, loss {f['loss_first']:.4f} -> {f['loss_final']:.4f} "
                   f"({f['seconds']:.1f} s)")
         for note in r["notes"]:
             print(f"note: {note}")
+        for warning in r["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
         if "dice" in r:
             print(f"Dice over {len(r['labels'])} labels ({r['label_mode']} label warping): "
                   f"{r['dice_before']:.4f} before -> {r['dice']:.4f} after")
@@ -77,3 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     run()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -68,15 +68,36 @@ def load_volume(path: PathLike, dtype=np.float32, check_finite: bool = True, lab
                   header=img.header, path=p)
 
 
+TEMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<random><suffix>" beside their destination
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write_fn) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename the temporary file onto ``path``."""
+    """Call ``write_fn(tmp_path)`` then rename the temporary file onto ``path``.
+
+    The finished file gets the mode a plain ``open(path, "w")`` would give it (0666 less the
+    umask), not the temporary file's 0600, so colleagues and viewers can read it. A destination
+    that cannot be written (a file where a folder is expected, no permission, a read-only file
+    system) is one :class:`InputError` naming it.
+    """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(dest.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(dest.suffixes) or ".tmp"
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}{TEMP_MARK}", suffix=suffix, dir=dest.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{dest.parent}: is not a folder (it exists as a file); choose another output folder") from None
+    except OSError as exc:
+        raise InputError(f"{dest.parent}: cannot write there ({exc.strerror or exc})") from None
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except BaseException:
         try:
@@ -85,6 +106,38 @@ def atomic_write(path: PathLike, write_fn) -> Path:
             pass
         raise
     return dest
+
+
+def remove_stale_temp_files(folder: PathLike) -> list:
+    """Delete the temporary files :func:`atomic_write` leaves behind when its process is killed
+    mid-write (a kill during a checkpoint write leaves a hidden, often empty ``.last.ckpt.tmp-*``).
+    Call it on a folder no other process is writing to, e.g. a run's own checkpoint folder at its
+    start. Returns the removed paths."""
+    removed = []
+    d = Path(folder)
+    if d.is_dir():
+        for f in d.glob(f".*{TEMP_MARK}*"):
+            if f.is_file():
+                f.unlink()
+                removed.append(f)
+    return removed
+
+
+def check_output_folder(path: PathLike) -> Path:
+    """Check, before any work, that an output folder can be written, without creating it (so that
+    bad input leaves nothing behind): a file in its place or on its path, or a folder without write
+    permission where it would be created, is one :class:`InputError`."""
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise InputError(f"{d}: exists and is not a folder; choose another output folder")
+    existing = d
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{d}: cannot be created, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{d}: cannot write there ({existing}: permission denied)")
+    return d
 
 
 def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header=None, dtype=None,
