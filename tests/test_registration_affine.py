@@ -472,7 +472,7 @@ def test_load_volume_two_dimensional(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((5, 6, 1), np.float32), np.diag([0.5, 0.7, 2.0, 1.0])), str(tmp_path / "s.nii"))
     nib.save(nib.Nifti1Image(np.ones((5, 6, 4), np.float32), np.eye(4)), str(tmp_path / "v.nii"))
     two = load_volume(tmp_path / "s.nii", ndim=2)
-    assert two.data.shape == (5, 6) and two.spacing == (0.5, 0.7) and two.affine.shape == (4, 4)
+    assert two.data.shape == (5, 6) and np.allclose(two.spacing, (0.5, 0.7)) and two.affine.shape == (4, 4)
     assert load_volume(tmp_path / "s.nii", ndim=None).data.shape == (5, 6)
     assert load_volume(tmp_path / "v.nii", ndim=None).data.shape == (5, 6, 4)
     assert load_volume(tmp_path / "s.nii").data.shape == (5, 6, 1)             # the 3-D default is unchanged
