@@ -110,7 +110,7 @@ def test_known_affine_recovered_across_grids_and_orientations(fixed3d):
     # one record per level, each with its loss curve; the coarse level improved on the start
     assert [s.level for s in result.stages] == [2, 1] and all(s.name == "affine" for s in result.stages)
     first = result.stages[0]
-    assert first.losses[-1] < first.losses[0] and first.extra["transform"] == "affine"
+    assert first.losses[-1] < first.losses[0] and first.extra["transform"] == "affine" and first.extra["dof"] == 12
     assert set(first.to_dict()) >= {"loss_first", "loss_final", "seconds", "init", "voxels"}
 
 
@@ -171,6 +171,20 @@ def test_two_dimensional_affine(tmp_path):
     nib.save(nib.Nifti1Image(fixed, four(f_aff)), str(tmp_path / "f.nii"))
     again = fast().register_files(tmp_path / "m.nii.gz", tmp_path / "f.nii")
     assert again.matrix.shape == (3, 3) and errors_mm(again.matrix, t_true, f_aff, fixed).mean() < 0.1
+
+
+@pytest.mark.parametrize("kind, dof", [("rigid", 3), ("similarity", 4), ("affine", 6)])
+def test_two_dimensional_kinds(kind, dof):
+    shape = (56, 60)
+    aff = ras(1.0, shape)
+    fixed = phantom(voxel_world_points(aff, shape))
+    lin = rotation(-15.0) * (0.92 if kind != "rigid" else 1.0)
+    if kind == "affine":
+        lin = lin @ np.array([[1.0, 0.08], [0.0, 1.06]])
+    t_true = homogeneous(lin, [-2.0, 3.0])
+    result = fast(transform=kind)(moved_scan(t_true, aff, shape), fixed, aff, aff)
+    assert result.stages[0].extra["dof"] == dof
+    assert errors_mm(result.matrix, t_true, aff, fixed).mean() < 0.1
 
 
 def test_moments_initialisation_resolves_a_large_rotation():

@@ -203,13 +203,13 @@ class AffineRegistration:
         levels: pyramid factors, coarse to fine (e.g. ``[4, 2, 1]``: about 4, 2 and 1 times the
             fixed image's finest voxel size).
         iterations: optimiser iterations per level (same length as ``levels``).
-        lr: Adam's step size on the coarsest level, in the dimensionless units of the parameters
+        lr: (``adam`` only) the step size on the coarsest level, in the dimensionless units of the parameters
             (about ``lr * r`` mm per step); a finer level ``f`` starts at ``lr * f / levels[0]``
             (it starts near its optimum), and within each level it decays by a cosine to
             ``lr_floor`` times that.
-        lr_floor: final fraction of ``lr`` at the end of each level.
-        optimizer: ``adam`` or ``lbfgs`` (strong-Wolfe line search; ``iterations`` then counts
-            loss evaluations).
+        lr_floor: (``adam`` only) final fraction of ``lr`` at the end of each level.
+        optimizer: ``lbfgs`` (L-BFGS with a strong-Wolfe line search; ``iterations`` then count
+            loss evaluations) or ``adam`` (which uses ``lr`` and ``lr_floor``).
         samples: voxels a global loss (``ncc``, ``mse``, ``mi``) is evaluated on per level at most
             (a fixed random subset of the level grid); 0 = all.
         normalize: intensity normalisation to [0, 1] before anything else: ``percentile``,
@@ -324,7 +324,7 @@ class AffineRegistration:
                 lr = self.lr * lv.factor / self.levels[0]
                 losses = self._optimise(lv, model, params, iters, lr, bar)
                 synchronize(device)
-                extra: Dict[str, Any] = {"transform": self.transform, "loss": self.loss_name,
+                extra: Dict[str, Any] = {"transform": self.transform, "dof": model.n_params, "loss": self.loss_name,
                                          "voxels": int(lv.points.shape[0]), "optimizer": self.optimizer}
                 if not stages:
                     extra.update(init=self.init, init_losses=init_losses, init_choice=best, radius_mm=radius,
@@ -385,15 +385,18 @@ class AffineRegistration:
         for factor in self.levels:
             fl = self._pooled_fixed(fix, factor)
             ml = self._pooled_moving(mov, fix, factor)
-            idx = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in fl.shape],
-                                             indexing="ij"), -1).reshape(-1, n)
+            total = int(np.prod(fl.shape))
             values = fl.data.reshape(-1)
-            if sampled and idx.shape[0] > self.samples:
-                keep = torch.randperm(idx.shape[0], generator=gen)[: self.samples].sort().values
-                idx, values = idx[keep], values[keep.to(device)]
-                out_shape = (len(keep),) + (1,) * (n - 1)
+            if sampled and total > self.samples:
+                # a fixed random subset of voxels, drawn before any coordinate is computed
+                flat = torch.randperm(total, generator=gen)[: self.samples].sort().values
+                values = values[flat.to(device)]
+                out_shape = (len(flat),) + (1,) * (n - 1)
             else:
+                flat = torch.arange(total)
                 out_shape = fl.shape
+            strides = np.cumprod((1,) + fl.shape[::-1])[:-1][::-1]   # C order: axis 0 varies slowest
+            idx = torch.stack([(flat // int(st)) % sz for st, sz in zip(strides, fl.shape)], 1).double()
             pts = idx @ torch.from_numpy(fl.affine[:n, :n]).T + torch.from_numpy(fl.affine[:n, n])
             to_grid = _grid_normaliser(ml.shape) @ torch.from_numpy(np.linalg.inv(ml.affine))
             out.append(_Level(factor=factor, shape=fl.shape, points=(pts - c).float().to(device),
