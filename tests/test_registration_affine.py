@@ -446,7 +446,8 @@ def test_shared_index_space_tfm_reproduces_the_shared_resampled_scan(real_data):
 
 # -- the real-scan recovery experiment, reduced --------------------------------------------------------
 def _recovery_script():
-    spec = importlib.util.spec_from_file_location("check_affine_recovery", ROOT / "scripts" / "check_affine_recovery.py")
+    path = ROOT / "scripts" / "check_affine_recovery.py"
+    spec = importlib.util.spec_from_file_location("check_affine_recovery", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -118,7 +118,8 @@ def read_subjects_csv(path: PathLike) -> List[Subject]:
     with open(p, newline="") as fh:
         reader = csv.DictReader(fh)
         if "image" not in (reader.fieldnames or []):
-            raise InputError(f"{p}: missing column 'image' (found columns: {', '.join(reader.fieldnames or []) or 'none'})")
+            found = ", ".join(reader.fieldnames or []) or "none"
+            raise InputError(f"{p}: missing column 'image' (found columns: {found})")
         subjects = []
         for line, row in enumerate(reader, start=2):
             image = (row.get("image") or "").strip()
@@ -212,10 +213,11 @@ def _pairs(done: List[Subject], out: Path, atlas_path: Path, atlas_label: Option
     return pairs
 
 
-def prepare_dataset(out: PathLike, atlas: PathLike, raw: Optional[PathLike] = None, subjects_csv: Optional[PathLike] = None,
-                    atlas_label: Optional[PathLike] = None, pairs: str = "atlas-to-subject",
-                    registration: Optional[AffineRegistration] = None, overwrite: bool = False,
-                    label_suffixes: Sequence[str] = LABEL_SUFFIXES, progress: bool = True) -> Dict[str, Any]:
+def prepare_dataset(out: PathLike, atlas: PathLike, raw: Optional[PathLike] = None,
+                    subjects_csv: Optional[PathLike] = None, atlas_label: Optional[PathLike] = None,
+                    pairs: str = "atlas-to-subject", registration: Optional[AffineRegistration] = None,
+                    overwrite: bool = False, label_suffixes: Sequence[str] = LABEL_SUFFIXES,
+                    progress: bool = True) -> Dict[str, Any]:
     """Align the scans of ``raw`` (or of ``subjects_csv``) to ``atlas`` and write the training set
     under ``out`` (module docstring). Returns the summary also written to ``prepare.json``."""
     check_choice("pairs", pairs, PAIRINGS)

@@ -49,7 +49,8 @@ def world_affine(affine, ndim: int, name: str = "affine") -> np.ndarray:
     if not np.isfinite(a).all():
         raise InputError(f"{name}: affine has non-finite entries")
     if not np.allclose(a[ndim], np.eye(ndim + 1)[ndim]):
-        raise InputError(f"{name}: the affine's last row must be {np.eye(ndim + 1)[ndim].tolist()}, got {a[ndim].tolist()}")
+        raise InputError(f"{name}: the affine's last row must be {np.eye(ndim + 1)[ndim].tolist()}, "
+                         f"got {a[ndim].tolist()}")
     if abs(np.linalg.det(a[:ndim, :ndim])) < 1e-12:
         raise InputError(f"{name}: the affine is singular (voxel size 0 along some axis)")
     return a
