@@ -24,7 +24,8 @@ Outputs in the output folder::
     transforms/<name>.txt, <name>.tfm     the affine: atlas world -> scan world (p_scan = M p_atlas,
                                           RAS mm), and the same for ITK (LPS, physical; see tfm.py)
     pairs.csv                             id,moving,fixed,moving_label,fixed_label (paths relative to it)
-    prepare.json                          per scan: status, loss, seconds, or the reason it was skipped
+    prepare.json                          per scan: status, matrix, the affine stage's records (losses per
+                                          level), seconds, or the reason it was skipped
 
 Pairings (``--pairs``): ``atlas-to-subject`` (moving = atlas, fixed = scan: the IXI protocol, the
 default), ``subject-to-atlas``, ``all`` (every ordered pair of distinct scans) or ``none``.
@@ -181,10 +182,8 @@ def _prepare_one(subject: Subject, atlas: Volume, out: Path, registration: Affin
                    description=f"regkit-prepare: {subject.label.name} on the atlas grid")
     write_itk_tfm(paths["tfm"], result.matrix)
     write_matrix_txt(paths["matrix"], result.matrix)      # last: its presence marks the scan as done
-    stage = result.stages[-1]
-    return {"status": "done", "loss_final": stage.losses[-1] if stage.losses else None,
-            "loss_first": result.stages[0].losses[0] if result.stages[0].losses else None,
-            "seconds": time.perf_counter() - t0, "matrix": result.matrix.tolist()}
+    return {"status": "done", "seconds": time.perf_counter() - t0, "matrix": result.matrix.tolist(),
+            "stages": [st.to_dict() for st in result.stages]}
 
 
 def _pairs(done: List[Subject], out: Path, atlas_path: Path, atlas_label: Optional[Path], pairing: str) -> List[Pair]:
