@@ -312,7 +312,8 @@ class AffineRegistration:
         if overlap < self.min_overlap:
             raise InputError(f"{moving_name} and {fixed_name} do not overlap in world space after the '{self.init}' "
                              f"initialisation ({100 * overlap:.1f}% of the fixed foreground maps inside the moving "
-                             f"scan, < {100 * self.min_overlap:.0f}%); check the headers, or use init=com")
+                             f"scan, < {100 * self.min_overlap:.0f}%); check the headers"
+                             + (", or use init=com" if self.init == "none" else ""))
 
         stages: List[StageRecord] = []
         bar = tqdm(total=sum(self.iterations), desc=f"affine ({self.transform})", disable=not self.progress,
