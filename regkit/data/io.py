@@ -1,6 +1,7 @@
 """Reading and writing volumes (NIfTI ``.nii``/``.nii.gz`` and FreeSurfer ``.mgz``) safely.
 
-Reads fail with one line naming the file: missing, unreadable, not 3-D, non-finite values.
+Reads fail with one line naming the file: missing, unreadable, not 3-D (or 2-D where asked for),
+non-finite values.
 Writes go to a temporary file in the destination folder and are renamed into place, so a crash
 never leaves a half-written output behind.
 """
@@ -23,7 +24,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 
 @dataclass
 class Volume:
-    """A 3-D array with its voxel-to-world affine and the original header."""
+    """A 3-D (or 2-D) array with its voxel-to-world affine (the file's 4×4) and the original header."""
 
     data: np.ndarray
     affine: np.ndarray
@@ -33,18 +34,25 @@ class Volume:
     @property
     def spacing(self):
         """Voxel size in mm along each array axis (from the affine's column norms)."""
-        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        nd = self.data.ndim
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :nd] ** 2).sum(axis=0)))
 
 
-def load_volume(path: PathLike, dtype=np.float32, check_finite: bool = True, label: bool = False) -> Volume:
-    """Load a 3-D volume (a trailing singleton 4th axis is dropped).
+def load_volume(path: PathLike, dtype=np.float32, check_finite: bool = True, label: bool = False,
+                ndim: Optional[int] = 3) -> Volume:
+    """Load a 3-D volume (a trailing singleton 4th axis is dropped), or a 2-D image.
 
     Args:
         path: ``.nii``, ``.nii.gz``, ``.mgz`` or ``.mgh`` file.
         dtype: array dtype of the result (label maps: an integer dtype).
         check_finite: reject NaN/inf values.
         label: the file is a label map: its values must be integers (checked before casting).
+        ndim: 3 (a 3-D volume, the default), 2 (a 2-D image: trailing singleton axes, as in a
+            ``(X, Y, 1)`` NIfTI slice, are dropped) or ``None`` (either: trailing singleton axes
+            are dropped and 2-D or 3-D is accepted). The affine stays the file's 4×4.
     """
+    if ndim not in (2, 3, None):
+        raise InputError(f"load_volume: ndim must be 2, 3 or None, got {ndim!r}")
     p = Path(path)
     if not p.exists():
         raise MissingFileError(f"{p}: no such file")
@@ -55,10 +63,16 @@ def load_volume(path: PathLike, dtype=np.float32, check_finite: bool = True, lab
         raw = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(f"{p}: cannot read as a NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
-    if raw.ndim == 4 and raw.shape[3] == 1:
-        raw = raw[..., 0]
-    if raw.ndim != 3:
-        raise InputError(f"{p}: expected a 3-D volume, got shape {raw.shape}")
+    if ndim == 3:
+        if raw.ndim == 4 and raw.shape[3] == 1:
+            raw = raw[..., 0]
+    else:
+        while raw.ndim > 2 and raw.shape[-1] == 1:
+            raw = raw[..., 0]
+    if ndim is not None and raw.ndim != ndim:
+        raise InputError(f"{p}: expected a {ndim}-D {'volume' if ndim == 3 else 'image'}, got shape {raw.shape}")
+    if raw.ndim not in (2, 3):
+        raise InputError(f"{p}: expected a 2-D or 3-D image, got shape {raw.shape}")
     if check_finite and np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
         bad = int((~np.isfinite(raw)).sum())
         raise InputError(f"{p}: contains {bad} NaN/inf voxels")

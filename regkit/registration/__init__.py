@@ -2,3 +2,4 @@
 in world coordinates, deformable (diffeomorphic) on the fixed grid, and field-level instance
 optimisation (refinement) of a given field such as a network's prediction.
 """
+from regkit.registration.affine import AffineRegistration as AffineRegistration  # the affine stage
