@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import nibabel
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -144,8 +145,6 @@ def _label_dtype(data: np.ndarray):
 
 
 def _nifti_header(vol: Volume):
-    import nibabel
-
     return vol.header if isinstance(vol.header, nibabel.Nifti1Header) else None
 
 
