@@ -31,7 +31,7 @@ from torch import Tensor
 
 from regkit.data.io import PathLike, Volume, atomic_write
 from regkit.device import resolve_device
-from regkit.errors import InputError, MissingFileError, check_choice
+from regkit.errors import InputError, MissingFileError, check_choice, unknown_choice_message
 from regkit.registration.deformable import DeformableRegistration, check_init_flow, check_pair
 from regkit.registration.result import AffineResult, DeformableResult, RegistrationResult, StageRecord
 from regkit.data.resample import transform_points
@@ -59,6 +59,12 @@ def load_preset(name: str, config_dir: Optional[PathLike] = None, **overrides: A
     check_choice("registration preset", name, list_presets(folder))
     cfg = OmegaConf.load(folder / f"{name}.yaml")
     for key, value in overrides.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not OmegaConf.is_dict(node) or leaf not in node:
+            keys = sorted(str(k) for k in node) if OmegaConf.is_dict(node) else []
+            raise InputError(unknown_choice_message(f"setting of preset '{name}'", key,
+                                                    [f"{parent}.{k}" if parent else k for k in keys]))
         OmegaConf.update(cfg, key, value, merge=False)
     obj = instantiate(cfg, _convert_="all")
     if isinstance(obj, Pipeline) and isinstance(obj.affine, str):
