@@ -10,7 +10,8 @@ What is shared and what is not (see docs/scaling.md):
 
 * every rank builds the same model from the same seed; DDP broadcasts rank 0's weights at
   wrap time and averages gradients in backward;
-* each rank reads a disjoint shard of every epoch's permutation (:func:`train_sampler`);
+* each rank reads a disjoint shard of every epoch's permutation
+  (:func:`regkit.data.module.train_sampler`);
 * validation is sharded over the ranks as well and gathered, so every rank holds the same
   metrics; files (TensorBoard, checkpoints, ``.hydra/``, ``train.log``) are written by rank 0;
 * all ranks write into one Hydra output folder, rank 0's, agreed in :class:`HydraRunDir`.
@@ -21,10 +22,13 @@ import datetime
 import logging
 import os
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as _HydraCallback
+from omegaconf import open_dict, read_write
 
 from regkit.device import (env_local_rank, env_rank, env_world_size, launched_by_torchrun,  # noqa: F401
                            resolve_device)
@@ -142,32 +146,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def train_sampler(dataset_len: int, seed: int):
-    """torch's ``DistributedSampler`` for this rank, or ``None`` for a single process.
-
-    Shuffles ``range(n)`` with ``seed + epoch`` (the trainer calls ``set_epoch``), the same
-    permutation a single process uses, drops its tail so that every rank gets ``n // W``
-    samples, and gives rank ``r`` the elements ``r, r + W, ...``. With a per-rank batch ``b``,
-    global step ``k`` therefore sees permutation entries ``k W b .. (k + 1) W b - 1``: exactly
-    the samples of a single process with batch ``W b``.
-    """
-    if not is_distributed():
-        return None
-    from torch.utils.data import DistributedSampler
-
-    w = world_size()
-    if dataset_len < w:
-        raise InputError(f"the training split has {dataset_len} pairs, fewer than the {w} processes; "
-                         f"use fewer processes or more data")
-    return DistributedSampler(range(dataset_len), num_replicas=w, rank=rank(), shuffle=True, seed=seed,
-                              drop_last=True)
-
-
 # -- one Hydra output folder for all ranks --------------------------------------------------------
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra is a dependency
-    _HydraCallback = object
 
 
 class HydraRunDir(_HydraCallback):
@@ -196,8 +175,6 @@ class HydraRunDir(_HydraCallback):
     def on_run_start(self, config, **kwargs) -> None:
         if not self._join():
             return
-        from omegaconf import open_dict, read_write
-
         run_dir = broadcast_object(str(config.hydra.run.dir) if is_rank_zero() else None)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = run_dir
@@ -207,8 +184,6 @@ class HydraRunDir(_HydraCallback):
     def on_multirun_start(self, config, **kwargs) -> None:
         if not launched_by_torchrun():
             return
-        from omegaconf import read_write
-
         names = {k: str(config.hydra[k]._target_).rsplit(".", 1)[-1] for k in ("sweeper", "launcher")}
         if names != {"sweeper": "BasicSweeper", "launcher": "BasicLauncher"}:
             raise InputError(f"under torchrun, multirun needs the basic sweeper and launcher (got {names['sweeper']}, "
@@ -265,3 +240,46 @@ def quiet_non_zero_rank() -> None:
             handler.close()
         else:
             handler.setLevel(logging.WARNING)
+
+
+# -- sweep jobs sharing one machine ---------------------------------------------------------------
+def job_resources(job_num: int, parallel_jobs: int, gpus: int, cpus: int) -> Tuple[Optional[int], int]:
+    """Where one of ``parallel_jobs`` jobs running at once on one machine should run: the GPU
+    index (round robin over the ``gpus`` visible devices; ``None`` without GPUs) and its share of
+    the ``cpus`` cores as torch threads (at least 1). Jobs that each took every core would thrash:
+    on a 2-core machine an epoch that took 12 s alone took 80 s beside one other busy job."""
+    if parallel_jobs < 1 or job_num < 0:
+        raise InputError(f"job {job_num} of {parallel_jobs} parallel jobs")
+    gpu = job_num % gpus if gpus > 0 else None
+    return gpu, max(1, cpus // parallel_jobs)
+
+
+def joblib_parallel_jobs(n_jobs: int, cpus: int) -> int:
+    """How many jobs joblib runs at once for its ``n_jobs`` (-1: one per core; -k: cores + 1 - k)."""
+    return max(1, n_jobs if n_jobs > 0 else cpus + 1 + n_jobs)
+
+
+def place_sweep_job(cfg) -> Optional[str]:
+    """Under ``hydra/launcher=local_parallel`` (joblib), give this job its GPU and its share of the
+    CPU cores by setting ``trainer.device`` (when it is ``auto`` or ``cuda`` without an index and
+    CUDA is available) and ``trainer.num_threads`` (when unset) in the job's config. Returns the
+    line to log, or ``None`` for any other launcher (each job then uses the config as given)."""
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not started by @hydra.main
+        return None
+    target = str(hydra_cfg.launcher.get("_target_", ""))
+    if not target.endswith("JoblibLauncher") or hydra_cfg.job.get("num") is None:
+        return None
+    cpus = os.cpu_count() or 1
+    parallel = joblib_parallel_jobs(int(hydra_cfg.launcher.get("n_jobs", 1)), cpus)
+    job = int(hydra_cfg.job.num)
+    wants_cuda = str(cfg.trainer.device) in ("auto", "cuda") and torch.cuda.is_available()
+    gpu, threads = job_resources(job, parallel, torch.cuda.device_count() if wants_cuda else 0, cpus)
+    with open_dict(cfg):
+        if gpu is not None:
+            cfg.trainer.device = f"cuda:{gpu}"
+        if cfg.trainer.get("num_threads") is None:
+            cfg.trainer.num_threads = threads
+    return (f"sweep job {job} ({parallel} at once on this machine): device {cfg.trainer.device}, "
+            f"{cfg.trainer.num_threads} CPU thread(s) of {cpus} cores")

@@ -1,105 +1,157 @@
-"""Evaluate a trained model on a split: per-pair metrics, a per-subject CSV and a summary table.
+"""Evaluating registered pairs: one evaluation function for validation and ``regkit-evaluate``.
 
-``scripts/evaluate.py`` (console command ``regkit-evaluate``) is the command line;
-:func:`pair_metrics` is shared with the validation callback, so training-time and final numbers
-are computed the same way. Conventions: ``docs/evaluation.md``.
+:class:`PairEvaluator` runs a predictor (any ``predict(moving, fixed) -> RegistrationOutput``,
+usually a :class:`~regkit.predictor.Predictor`) over batches of pairs and computes every metric
+of each pair: Dice per label before and after, group scores, HD95, the Jacobian metrics and the
+loss terms. The validation callback is handed one (detectron2's ``EvalHook(period, function)``)
+and reduces its rows to ``val/*`` scalars; :func:`evaluate_split` writes them as
+``per_subject.csv`` and ``summary.md``. Training-time and final numbers are therefore computed by
+the same code. Conventions: ``docs/evaluation.md``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
+import difflib
 import io
-import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from regkit.device import move_to, resolve_device
+from regkit.data.io import atomic_write, check_output_folder
+from regkit.data.keypoints import batch_keypoint_metrics
+from regkit.data.module import PairData
+from regkit.device import move_to
 from regkit.errors import InputError, check_choice
-from regkit.metrics import FREESURFER_NAMES, dice, group_scores, hd95, jacobian_metrics
+from regkit.metrics import FREESURFER_NAMES, LABEL_MODES, dice, pair_metrics
+from regkit.models.base import RegistrationOutput
+from regkit.predictor import Predictor
 
-log = logging.getLogger("regkit")
-LABEL_MODES = ("nearest", "linear")
-
-
-def warp_labels(label_map: Tensor, flow: Tensor, labels, mode: str = "nearest") -> Tensor:
-    """Warp an integer label map ``(B, 1, *spatial)`` by ``flow`` (voxels).
-
-    ``nearest`` resamples the IDs directly; ``linear`` warps the one-hot maps of ``labels``
-    (plus background) linearly and takes the arg-max, as the published IXI tables since 2022
-    do. Published Dice moves by ~0.005-0.01 between the two, so the mode is always recorded.
-    """
-    from regkit.metrics import one_hot
-    from regkit.spatial import warp
-
-    if mode == "nearest":
-        return warp(label_map.double(), flow.double(), mode="nearest").round().long()
-    check_choice("label_mode", mode, LABEL_MODES)
-    ids = [0] + [int(v) for v in labels if v != 0]
-    warped = warp(one_hot(label_map, ids, dtype=flow.dtype), flow, mode="bilinear")
-    return torch.as_tensor(ids, device=flow.device)[warped.argmax(1, keepdim=True)]
+Predict = Callable[[Tensor, Tensor], RegistrationOutput]
+_ABSENT = object()
+Row = Dict[str, Any]
 
 
-@torch.no_grad()
-def pair_metrics(flow: Tensor, moving_label: Optional[Tensor] = None, fixed_label: Optional[Tensor] = None,
-                 labels: Optional[Sequence[int]] = None, spacing: Optional[Sequence[float]] = None,
-                 label_mode: str = "nearest", with_hd95: bool = False,
-                 groups: Optional[Mapping[str, Sequence[int]]] = None) -> Dict[str, Tensor]:
-    """Every metric of one batch.
+@dataclass
+class EvaluationResult:
+    """Per-pair rows (pair index -> scalars, plus per-label and per-group lists) and, for a
+    picture, the first pair's batch and output."""
+
+    rows: Dict[int, Row] = field(default_factory=dict)
+    example: Optional[Tuple[Mapping[str, Any], RegistrationOutput]] = None
+
+
+class PairEvaluator:
+    """Metrics of every pair a predictor registers.
 
     Args:
-        flow: ``(B, ndim, *spatial)`` displacement in voxels.
-        moving_label, fixed_label: ``(B, 1, *spatial)`` label maps (optional: without them only
-            the Jacobian metrics are computed).
-        labels: evaluated label values.
-        spacing: voxel size in mm (HD95); default 1 mm.
-        label_mode: ``nearest`` or ``linear`` label warping.
-        with_hd95: compute HD95 (costly at full size: seconds per pair on a CPU).
-        groups: optional ``{name: labels}`` averaged into group scores (e.g. the IXI 17).
-    Returns:
-        ``dice`` ``(B, L)``, ``dice_mean`` ``(B,)``, ``dice_groups`` ``(B, G)`` and
-        ``dice_groups_mean`` ``(B,)`` with groups, ``hd95`` ``(B, L)`` and ``hd95_mean`` ``(B,)`` (mm)
-        when asked, ``nonpos_jac_pct`` and ``sdlogj`` ``(B,)``; all float64 on the CPU.
+        label_mode: ``nearest`` (default) or ``linear`` (one-hot) label warping; published Dice
+            moves by ~0.005-0.01 between the two, so the choice is recorded with the results.
+        jacobian: % of voxels with det J <= 0 and SD log det J (cheap).
+        hd95: HD95 in mm per label (exact but costly: seconds per pair at 160×192×224 on a CPU
+            for the 30 IXI labels).
+        max_pairs: evaluate at most this many pairs (``None``: all).
+
+    A row holds ``id``, ``seconds`` (the prediction), ``nonpos_jac_pct`` and ``sdlogj``; with
+    label maps also ``dice_before`` (identity), ``dice`` (mean over the evaluated labels),
+    ``dice_groups`` (mean over groups), ``hd95`` (mean over labels, mm), ``dice_<label>``,
+    ``hd95_<label>``, and the lists ``per_label`` / ``per_group``; with keypoints (Learn2Reg),
+    ``tre`` and ``tre_before`` in mm (:func:`regkit.metrics.keypoint_metrics`); with a loss,
+    ``loss/<term>`` and ``loss/total``.
     """
-    out = {k: v.cpu() for k, v in jacobian_metrics(flow).items()}
-    if moving_label is None or fixed_label is None or not labels:
+
+    def __init__(self, label_mode: str = "nearest", jacobian: bool = True, hd95: bool = False,
+                 max_pairs: Optional[int] = None) -> None:
+        self.label_mode = check_choice("label_mode", label_mode, LABEL_MODES)
+        self.jacobian, self.hd95 = bool(jacobian), bool(hd95)
+        if max_pairs is not None and int(max_pairs) < 1:
+            raise InputError(f"max_pairs must be >= 1 or null, got {max_pairs}")
+        self.max_pairs = int(max_pairs) if max_pairs is not None else None
+
+    def count(self, n: int) -> int:
+        """How many of ``n`` pairs are evaluated."""
+        return n if self.max_pairs is None else min(n, self.max_pairs)
+
+    @torch.no_grad()
+    def evaluate_pair(self, predict: Predict, batch: Mapping[str, Any], labels: Optional[Sequence[int]] = None,
+                      groups: Optional[Mapping[str, Sequence[int]]] = None, loss_fn: Any = None,
+                      dice_only: bool = False) -> Tuple[Row, RegistrationOutput]:
+        """One pair (a batch of one, on the predictor's device): its row and the output.
+
+        ``dice_only`` computes Dice alone (the unregistered baseline needs nothing else).
+        """
+        start = time.perf_counter()
+        out = predict(batch["moving"], batch["fixed"])
+        row: Row = {"id": batch["id"][0] if "id" in batch else "", "seconds": time.perf_counter() - start}
+        has_labels = bool(labels) and batch.get("moving_label") is not None and batch.get("fixed_label") is not None
+        spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
+        m = pair_metrics(out.flow, batch.get("moving_label") if has_labels else None, batch.get("fixed_label"),
+                         labels, spacing, self.label_mode, self.hd95 and has_labels and not dice_only, groups)
+        if self.jacobian and not dice_only:
+            row["nonpos_jac_pct"], row["sdlogj"] = float(m["nonpos_jac_pct"][0]), float(m["sdlogj"][0])
+        if has_labels:
+            labels = [int(v) for v in labels]
+            row["label_mode"] = self.label_mode
+            row["dice_before"] = float(torch.nanmean(dice(batch["moving_label"], batch["fixed_label"], labels)[0]))
+            row["dice"] = float(m["dice_mean"][0])
+            row["per_label"] = m["dice"][0].tolist()
+            if "dice_groups" in m:
+                row["dice_groups"] = float(m["dice_groups_mean"][0])
+                row["per_group"] = m["dice_groups"][0].tolist()
+            if "hd95" in m:
+                row["hd95"] = float(m["hd95_mean"][0])
+            for j, lab in enumerate(labels):
+                row[f"dice_{lab}"] = float(m["dice"][0, j])
+            if "hd95" in m:
+                for j, lab in enumerate(labels):
+                    row[f"hd95_{lab}"] = float(m["hd95"][0, j])
+        kp = batch_keypoint_metrics(out.flow, batch)
+        if kp:  # Learn2Reg keypoint tasks: target registration error in mm
+            row["tre"], row["tre_before"] = float(kp["tre"][0]), float(kp["tre_initial"][0])
+        if loss_fn is not None and not dice_only:
+            losses = loss_fn(out, batch)
+            row.update({f"loss/{k}": float(v) for k, v in losses.terms.items()})
+            row["loss/total"] = float(losses.total)
+        return row, out
+
+    def __call__(self, predict: Predict, batches: Iterable[Tuple[int, Mapping[str, Any]]], device: torch.device,
+                 labels: Optional[Sequence[int]] = None, groups: Optional[Mapping[str, Sequence[int]]] = None,
+                 loss_fn: Any = None, dice_only: bool = False, keep_example: bool = False,
+                 progress: bool = False, total: Optional[int] = None) -> EvaluationResult:
+        """Evaluate ``(index, batch)`` pairs (batch size 1); keeps the first pair's output when
+        ``keep_example`` (for the validation picture)."""
+        result = EvaluationResult()
+        for k, batch in tqdm(batches, total=total, desc="evaluating", unit="pair", disable=not progress):
+            batch = move_to(batch, device)
+            row, out = self.evaluate_pair(predict, batch, labels, groups, loss_fn, dice_only)
+            result.rows[k] = row
+            if keep_example and result.example is None:
+                result.example = (batch, out)
+        return result
+
+    @staticmethod
+    def summarize(rows: Mapping[int, Row]) -> Dict[str, float]:
+        """Mean over pairs (in pair order, NaN-ignoring) of every scalar column."""
+        keys = [k for k in dict.fromkeys(k for r in rows.values() for k in r)
+                if all(isinstance(r.get(k), (int, float)) for r in rows.values() if k in r)]
+        out = {}
+        for key in keys:
+            values = np.array([rows[i][key] for i in sorted(rows) if key in rows[i]], dtype=np.float64)
+            out[key] = math.nan if np.isnan(values).all() else float(np.nanmean(values))
         return out
-    warped = warp_labels(moving_label, flow, labels, label_mode)
-    per_label = dice(warped, fixed_label, labels).cpu()
-    out["dice"] = per_label
-    out["dice_mean"] = torch.nanmean(per_label, dim=1)
-    if groups:
-        g = group_scores(per_label, labels, groups)
-        out["dice_groups"] = g
-        out["dice_groups_mean"] = torch.nanmean(g, dim=1)
-    if with_hd95:
-        h = hd95(warped, fixed_label, labels, spacing)
-        out["hd95"] = h
-        out["hd95_mean"] = torch.nanmean(h, dim=1)
-    return out
 
 
-def _predict(model, moving: Tensor, fixed: Tensor, net_shape) -> Tensor:
-    """The flow on the grid of ``moving``; the network sees the pair at ``net_shape`` (its
-    training size) when that differs, e.g. to evaluate at full resolution a model trained with
-    ``dataset.resize`` (run with ``--set dataset.resize=null``)."""
-    from regkit.data.resample import resize_volume
-    from regkit.spatial import resize_flow
-
-    full = tuple(moving.shape[2:])
-    if net_shape is None or tuple(net_shape) == full:
-        return model(moving, fixed).flow
-    flow = model(resize_volume(moving, net_shape), resize_volume(fixed, net_shape)).flow
-    return resize_flow(flow, full)
-
-
-# -- the command --------------------------------------------------------------------------------
-def _fmt(v: float, digits: int = 4) -> str:
+# -- regkit-evaluate ----------------------------------------------------------------------------
+def _fmt(v: Optional[float], digits: int = 4) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
@@ -111,167 +163,121 @@ def _stats(values: List[float]) -> Dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)), "n": int(a.size)}
 
 
-def load_run(checkpoint, overrides: Sequence[str] = (), device: str = "cpu"):
-    """The model, the checkpoint dict and the dataset (rebuilt from the checkpoint's config with
-    ``overrides`` such as ``dataset.root=/data/ixi``)."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    from regkit.training.checkpoint import load_checkpoint, load_model
-
-    ckpt = load_checkpoint(checkpoint)
-    model = load_model(checkpoint).to(device).eval()
-    cfg = OmegaConf.create(ckpt.get("config") or {})
-    if "dataset" not in cfg:
-        raise InputError(f"{checkpoint}: the checkpoint holds no dataset config; pass --pairs CSV")
-    for item in overrides:
-        if "=" not in item:
-            raise InputError(f"override '{item}' must be key=value, e.g. dataset.root=/data/ixi")
-        key, value = item.split("=", 1)
-        OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
-    return model, ckpt, cfg
+SUMMARY_NAMES = {"dice_before": "Dice before (identity)", "dice": "Dice (mean over labels)",
+                 "dice_groups": "Dice (mean over groups)", "hd95": "HD95 (mm, mean over labels)",
+                 "nonpos_jac_pct": "% voxels with det J <= 0", "sdlogj": "SD log det J",
+                 "tre_before": "keypoint TRE before (mm)", "tre": "keypoint TRE (mm)",
+                 "seconds": "seconds per pair (network)"}
 
 
-def evaluate(checkpoint, split: str = "test", out_dir=None, overrides: Sequence[str] = (), pairs_csv=None,
-             label_mode: str = "nearest", with_hd95: bool = True, device: str = "cpu", limit: Optional[int] = None,
-             progress: bool = True) -> Dict[str, object]:
-    """Run ``checkpoint`` over ``split`` and write ``per_subject.csv`` and ``summary.md``.
+def evaluate_split(predictor, data, split: str = "test", out_dir=None, evaluator: Optional[PairEvaluator] = None,
+                   progress: bool = True, title: str = "") -> Dict[str, Any]:
+    """Register every pair of ``data``'s ``split`` with ``predictor`` and write
+    ``per_subject.csv`` and ``summary.md`` into ``out_dir`` (each atomically).
 
-    Returns ``{"rows": [...], "summary": {...}, "csv": path, "markdown": path}``.
+    Returns ``{"rows", "summary", "csv", "markdown", "text"}``.
     """
-    from hydra.utils import instantiate
-    from tqdm.auto import tqdm
-
-    from regkit.data.io import atomic_write
-    from regkit.data.module import PairData
-
-    check_choice("label_mode", label_mode, LABEL_MODES)
-    dev = resolve_device(device)
-    model, ckpt, cfg = load_run(checkpoint, overrides, "cpu")
-    model.to(dev)
-    if pairs_csv is not None:
-        spec = ckpt.get("data") or {}
-        data = PairData(train=pairs_csv, test=pairs_csv, normalize=spec.get("normalize", "minmax"),
-                        resize=spec.get("resize"), eval_labels=spec.get("eval_labels"),
-                        label_groups=spec.get("label_groups") or None)
-        split = "test"
-    else:
-        data = instantiate(cfg.dataset)
+    evaluator = evaluator or PairEvaluator(hd95=True)
+    check_output_folder(out_dir)
     loader = data.dataloader(split)
     if loader is None:
-        raise InputError(f"{checkpoint}: the dataset has no '{split}' pairs")
-    labels = data.eval_labels
-    groups = data.label_groups
-    trained = (ckpt.get("data") or {}).get("shape")
-    net_shape = tuple(int(v) for v in trained) if trained else None
-    rows, per_label, per_group = [], [], []
-    n = len(loader) if limit is None else min(limit, len(loader))
-    with torch.no_grad():
-        for k, batch in enumerate(tqdm(loader, total=n, desc=f"evaluating {split}", unit="pair", disable=not progress)):
-            if k >= n:
-                break
-            batch = move_to(batch, dev)
-            eval_shape = tuple(batch["moving"].shape[2:])
-            start = time.perf_counter()
-            flow = _predict(model, batch["moving"], batch["fixed"], net_shape)
-            seconds = time.perf_counter() - start
-            has = "moving_label" in batch and labels
-            spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
-            m = pair_metrics(flow, batch.get("moving_label"), batch.get("fixed_label"), labels, spacing,
-                             label_mode, with_hd95 and bool(has), groups)
-            row = {"id": batch["id"][0], "label_mode": label_mode if has else "", "seconds": seconds,
-                   "nonpos_jac_pct": float(m["nonpos_jac_pct"][0]), "sdlogj": float(m["sdlogj"][0])}
-            if has:
-                before = dice(batch["moving_label"], batch["fixed_label"], labels).cpu()
-                row["dice_before"] = float(torch.nanmean(before[0]))
-                row["dice"] = float(m["dice_mean"][0])
-                if "dice_groups" in m:
-                    row["dice_groups"] = float(m["dice_groups_mean"][0])
-                if "hd95" in m:
-                    row["hd95"] = float(m["hd95_mean"][0])
-                for j, lab in enumerate(labels):
-                    row[f"dice_{lab}"] = float(m["dice"][0, j])
-                if "hd95" in m:
-                    for j, lab in enumerate(labels):
-                        row[f"hd95_{lab}"] = float(m["hd95"][0, j])
-                per_label.append(m["dice"][0].numpy())
-                if "dice_groups" in m:
-                    per_group.append(m["dice_groups"][0].numpy())
-            rows.append(row)
+        raise InputError(f"{title or 'the dataset'}: no '{split}' pairs")
+    labels, groups = data.eval_labels, data.label_groups
+    n = evaluator.count(len(loader))
+    batches = ((k, b) for k, b in zip(range(n), loader))
+    result = evaluator(predictor, batches, predictor.device, labels, groups, progress=progress, total=n,
+                       keep_example=True)
+    rows = [result.rows[k] for k in sorted(result.rows)]
     if not rows:
         raise InputError(f"no pairs evaluated in split '{split}'")
+    eval_shape = tuple(result.example[0]["moving"].shape[2:])
+    net_shape = predictor.network_shape(eval_shape)
 
-    out = Path(out_dir) if out_dir is not None else Path(checkpoint).resolve().parent.parent / f"eval_{split}"
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows]
+    columns = list(dict.fromkeys(k for r in table for k in r))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, restval="")
     w.writeheader()
-    for r in rows:
+    for r in table:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    out = Path(out_dir)
     csv_path = atomic_write(out / "per_subject.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
-    summary = {key: _stats([r.get(key, math.nan) for r in rows])
-               for key in ("dice_before", "dice", "dice_groups", "hd95", "nonpos_jac_pct", "sdlogj", "seconds")
-               if any(key in r for r in rows)}
-    lines = [f"# Evaluation: {Path(checkpoint).name}, split `{split}`", "",
-             f"- checkpoint: `{checkpoint}` (model `{ckpt['model']['name']}`, epoch {ckpt.get('epoch')})",
-             f"- pairs: {len(rows)}; device: {dev}; label warping: **{label_mode}**; evaluated at "
-             f"{'x'.join(str(v) for v in eval_shape)}"
-             + (f" (network at {'x'.join(str(v) for v in net_shape)})" if net_shape else ""),
+    summary = {key: _stats([r.get(key, math.nan) for r in rows]) for key in SUMMARY_NAMES if any(key in r for r in rows)}
+    ckpt = predictor.checkpoint
+    lines = [f"# Evaluation: {title}, split `{split}`", "",
+             f"- checkpoint: `{predictor.source}` (model `{predictor.name}`, epoch {ckpt.get('epoch')})",
+             f"- pairs: {len(rows)}; device: {predictor.device}; label warping: **{evaluator.label_mode}**; "
+             f"evaluated at {'x'.join(str(v) for v in eval_shape)}"
+             + (f" (network at {'x'.join(str(v) for v in net_shape)})" if net_shape != eval_shape else ""),
              f"- labels: {len(labels) if labels else 0} evaluated" + (f", {len(groups)} groups" if groups else ""),
              "- conventions: docs/evaluation.md (Dice NaN for absent labels; HD95 in mm, inf when a structure "
              "vanishes; % |J| <= 0 of all voxels; SDlogJ over det J > 0)", "",
              "| metric | mean | std | median | n |", "|---|---|---|---|---|"]
-    names = {"dice_before": "Dice before (identity)", "dice": "Dice (mean over labels)",
-             "dice_groups": "Dice (mean over groups)", "hd95": "HD95 (mm, mean over labels)",
-             "nonpos_jac_pct": "% voxels with det J <= 0", "sdlogj": "SD log det J", "seconds": "seconds per pair (network)"}
     for key, s in summary.items():
-        lines.append(f"| {names[key]} | {_fmt(s['mean'])} | {_fmt(s['std'])} | {_fmt(s['median'])} | {s['n']} |")
+        lines.append(f"| {SUMMARY_NAMES[key]} | {_fmt(s['mean'])} | {_fmt(s['std'])} | {_fmt(s['median'])} | {s['n']} |")
+    per_group = [r["per_group"] for r in rows if "per_group" in r]
+    per_label = [r["per_label"] for r in rows if "per_label" in r]
     if groups and per_group:
-        g = np.stack(per_group)
+        g = np.array(per_group, dtype=np.float64)
         flat = g[~np.isnan(g)]
         lines += ["", f"Dice over {len(groups)} groups × {len(per_group)} pairs (the published IXI convention: "
                   f"mean ± std over all structure-pair values): **{flat.mean():.4f} ± {flat.std():.4f}**", "",
                   "| structure | labels | Dice mean | std |", "|---|---|---|---|"]
         for j, (name, members) in enumerate(groups.items()):
             col = g[:, j]
-            lines.append(f"| {name} | {', '.join(str(v) for v in members)} | {_fmt(float(np.nanmean(col)))} | {_fmt(float(np.nanstd(col)))} |")
+            lines.append(f"| {name} | {', '.join(str(v) for v in members)} | {_fmt(float(np.nanmean(col)))} | "
+                         f"{_fmt(float(np.nanstd(col)))} |")
     elif per_label:
-        d = np.stack(per_label)
+        d = np.array(per_label, dtype=np.float64)
         lines += ["", "| label | name | Dice mean | std |", "|---|---|---|---|"]
         for j, lab in enumerate(labels):
-            lines.append(f"| {lab} | {FREESURFER_NAMES.get(int(lab), '')} | {_fmt(float(np.nanmean(d[:, j])))} | {_fmt(float(np.nanstd(d[:, j])))} |")
+            lines.append(f"| {lab} | {FREESURFER_NAMES.get(int(lab), '')} | {_fmt(float(np.nanmean(d[:, j])))} | "
+                         f"{_fmt(float(np.nanstd(d[:, j])))} |")
     markdown = "\n".join(lines) + "\n"
     md_path = atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown))
-    return {"rows": rows, "summary": summary, "csv": csv_path, "markdown": md_path, "text": markdown}
+    return {"rows": table, "summary": summary, "csv": csv_path, "markdown": md_path, "text": markdown}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from regkit.cli import exit_on_user_error
+def dataset_from_checkpoint(predictor, overrides: Sequence[str] = (), pairs_csv=None):
+    """The data module a checkpoint was trained with, rebuilt from its config with ``overrides``
+    (``key=value``, e.g. ``dataset.root=/data/ixi``); or, with ``pairs_csv``, that CSV's pairs
+    prepared as in training (the checkpoint's normalisation, size and labels)."""
+    spec = predictor.spec
+    if pairs_csv is not None:
+        record = predictor.checkpoint.get("data") or {}
+        return PairData(train=pairs_csv, test=pairs_csv, normalize=spec.normalize, resize=record.get("resize"),
+                        eval_labels=list(spec.eval_labels) if spec.eval_labels else None,
+                        label_groups=spec.label_groups)
+    cfg = OmegaConf.create(predictor.checkpoint.get("config") or {})
+    if "dataset" not in cfg:
+        raise InputError(f"{predictor.source}: the checkpoint holds no dataset config; pass a pairs CSV")
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override '{item}' must be key=value, e.g. dataset.root=/data/ixi")
+        key, value = item.split("=", 1)
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            keys = [str(k) for k in node] if OmegaConf.is_dict(node) else []
+            close = difflib.get_close_matches(leaf, keys, n=1)
+            hint = f"; did you mean {'.'.join(filter(None, [parent, close[0]]))}?" if close else ""
+            raise InputError(f"--set {key}=...: the checkpoint's config has no such key{hint} "
+                             f"(keys under '{parent or 'the root'}': {', '.join(keys) or 'none'})")
+        OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
+    return instantiate(cfg.dataset)
 
-    parser = argparse.ArgumentParser(
-        prog="regkit-evaluate",
-        description="Run a checkpoint over a split; write per_subject.csv and summary.md.")
-    parser.add_argument("checkpoint", help="a regkit checkpoint (best.ckpt, last.ckpt)")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--out", default=None, help="output folder (default: <run>/eval_<split>)")
-    parser.add_argument("--pairs", default=None, help="evaluate the pairs of this CSV instead of the training dataset")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the checkpoint's config, e.g. --set dataset.root=/data/ixi (repeatable)")
-    parser.add_argument("--label-mode", default="nearest", choices=LABEL_MODES,
-                        help="label warping: nearest (default) or linear (one-hot)")
-    parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (seconds per pair at full size on a CPU)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    @exit_on_user_error
-    def run():
-        result = evaluate(args.checkpoint, args.split, args.out, args.overrides, args.pairs, args.label_mode,
-                          not args.no_hd95, args.device, args.limit)
-        print(result["text"])
-        print(f"per-subject CSV: {result['csv']}\nsummary:         {result['markdown']}")
-
-    run()
-    return 0
+def evaluate(checkpoint, split: str = "test", out_dir=None, overrides: Sequence[str] = (), pairs_csv=None,
+             label_mode: str = "nearest", with_hd95: bool = True, device: str = "cpu", limit: Optional[int] = None,
+             progress: bool = True) -> Dict[str, Any]:
+    """What ``regkit-evaluate`` does: run ``checkpoint`` over ``split`` of its dataset (or of
+    ``pairs_csv``) and write ``per_subject.csv`` and ``summary.md`` into ``out_dir`` (default:
+    ``<run>/eval_<split>``)."""
+    evaluator = PairEvaluator(label_mode=label_mode, hd95=with_hd95, max_pairs=limit)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    data = dataset_from_checkpoint(predictor, overrides, pairs_csv)
+    if pairs_csv is not None:
+        split = "test"
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint).resolve().parent.parent / f"eval_{split}"
+    return evaluate_split(predictor, data, split, out, evaluator, progress, title=Path(checkpoint).name)

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from regkit.errors import InputError, check_choice
-from regkit.spatial import jacobian_determinant
+from regkit.keypoints import keypoint_distances
+from regkit.spatial import identity_grid, jacobian_determinant, sample_at
 
 # The 30 FreeSurfer structures evaluated on IXI (TransMorph protocol).
 IXI_LABELS: Tuple[int, ...] = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
@@ -63,6 +64,9 @@ FREESURFER_NAMES: Dict[int, str] = {
 # Named label sets, so a config can say ``eval_labels: ixi`` / ``label_groups: ixi``.
 LABEL_SETS: Dict[str, Tuple[int, ...]] = {"ixi": IXI_LABELS}
 LABEL_GROUPS: Dict[str, Dict[str, Tuple[int, ...]]] = {"ixi": IXI_STRUCTURES}
+
+# How a moving label map is warped for Dice: nearest neighbour on the IDs, or linear on one-hot maps.
+LABEL_MODES = ("nearest", "linear")
 
 
 def resolve_labels(labels) -> Optional[Tuple[int, ...]]:
@@ -165,13 +169,15 @@ def group_scores(per_label: Tensor, labels: Sequence[int], groups: Mapping[str, 
 
 
 # -- deformation fields -------------------------------------------------------------------------
-def jacobian_metrics(flow: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+def jacobian_metrics(flow: Tensor, mask: Optional[Tensor] = None, det: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Folding and smoothness of ``x + flow(x)``, per batch item.
 
     Args:
         flow: ``(B, ndim, *spatial)`` displacement in voxels (any dtype; computed in float64).
         mask: optional ``(B, *spatial)`` or ``(B, 1, *spatial)`` boolean region (e.g. the fixed
             image's foreground); ``None`` means every voxel.
+        det: ``jacobian_determinant(flow.double())`` when the caller has it already (it is the
+            costly part at full size), else computed here.
     Returns:
         ``{"nonpos_jac_pct": (B,), "sdlogj": (B,)}`` (float64):
 
@@ -185,7 +191,7 @@ def jacobian_metrics(flow: Tensor, mask: Optional[Tensor] = None) -> Dict[str, T
           script adds 3 before the log; regkit does not), so a pure translation gives 0.
           NaN when no voxel has det J > 0.
     """
-    det = jacobian_determinant(flow.double())
+    det = jacobian_determinant(flow.double()) if det is None else det
     b = det.shape[0]
     det = det.reshape(b, -1)
     if mask is None:
@@ -330,3 +336,170 @@ def hd95(pred: Tensor, target: Tensor, labels: Sequence[int], spacing: Optional[
             q = percentile / 100.0
             out[i, k] = max(float(_directed_quantile(a, b, spacing, q)), float(_directed_quantile(b, a, spacing, q)))
     return out
+
+
+# -- everything about one pair -------------------------------------------------------------------
+def sample_labels(label_map: Tensor, coords: Tensor, labels: Sequence[int], mode: str = "nearest") -> Tensor:
+    """An integer label map ``(B, 1, *in)`` sampled at voxel coordinates ``(B|1, ndim, *out)``
+    (:func:`regkit.spatial.sample_at`).
+
+    ``nearest`` resamples the IDs directly; ``linear`` samples the one-hot maps of ``labels``
+    (plus background) linearly and takes the arg-max, as the published IXI tables since 2022
+    do. Published Dice moves by ~0.005-0.01 between the two, so the mode is always recorded.
+    """
+    check_choice("label_mode", mode, LABEL_MODES)
+    if mode == "nearest":
+        return sample_at(label_map.double(), coords.double(), mode="nearest").round().long()
+    ids = [0] + [int(v) for v in labels if v != 0]
+    sampled = sample_at(one_hot(label_map, ids, dtype=coords.dtype), coords, mode="bilinear")
+    return torch.as_tensor(ids, device=coords.device)[sampled.argmax(1, keepdim=True)]
+
+
+def warp_labels(label_map: Tensor, flow: Tensor, labels, mode: str = "nearest") -> Tensor:
+    """Warp an integer label map ``(B, 1, *spatial)`` by ``flow`` (voxels), nearest or linear
+    (one-hot) as in :func:`sample_labels`."""
+    if mode == "nearest":  # positions in float64, so that a voxel centre is not rounded across a boundary
+        flow = flow.double()
+    elif flow.dtype in (torch.float16, torch.bfloat16):
+        flow = flow.float()
+    coords = identity_grid(flow.shape[2:], flow.device, flow.dtype) + flow
+    return sample_labels(label_map, coords, labels, mode)
+
+
+@torch.no_grad()
+def pair_metrics(flow: Tensor, moving_label: Optional[Tensor] = None, fixed_label: Optional[Tensor] = None,
+                 labels: Optional[Sequence[int]] = None, spacing: Optional[Sequence[float]] = None,
+                 label_mode: str = "nearest", with_hd95: bool = False,
+                 groups: Optional[Mapping[str, Sequence[int]]] = None) -> Dict[str, Tensor]:
+    """Every metric of one batch.
+
+    Args:
+        flow: ``(B, ndim, *spatial)`` displacement in voxels.
+        moving_label, fixed_label: ``(B, 1, *spatial)`` label maps (optional: without them only
+            the Jacobian metrics are computed).
+        labels: evaluated label values.
+        spacing: voxel size in mm (HD95); default 1 mm.
+        label_mode: ``nearest`` or ``linear`` label warping.
+        with_hd95: compute HD95 (costly at full size: seconds per pair on a CPU).
+        groups: optional ``{name: labels}`` averaged into group scores (e.g. the IXI 17).
+    Returns:
+        ``dice`` ``(B, L)``, ``dice_mean`` ``(B,)``, ``dice_groups`` ``(B, G)`` and
+        ``dice_groups_mean`` ``(B,)`` with groups, ``hd95`` ``(B, L)`` and ``hd95_mean`` ``(B,)`` (mm)
+        when asked, ``nonpos_jac_pct`` and ``sdlogj`` ``(B,)``; all float64 on the CPU.
+    """
+    out = {k: v.cpu() for k, v in jacobian_metrics(flow).items()}
+    if moving_label is None or fixed_label is None or not labels:
+        return out
+    warped = warp_labels(moving_label, flow, labels, label_mode)
+    per_label = dice(warped, fixed_label, labels).cpu()
+    out["dice"] = per_label
+    out["dice_mean"] = torch.nanmean(per_label, dim=1)
+    if groups:
+        g = group_scores(per_label, labels, groups)
+        out["dice_groups"] = g
+        out["dice_groups_mean"] = torch.nanmean(g, dim=1)
+    if with_hd95:
+        h = hd95(warped, fixed_label, labels, spacing)
+        out["hd95"] = h
+        out["hd95_mean"] = torch.nanmean(h, dim=1)
+    return out
+
+
+# -- keypoints ----------------------------------------------------------------------------------
+def keypoint_metrics(flow: Tensor, fixed_kp, moving_kp, spacing=None, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Target registration error (TRE) of corresponding keypoints, per batch item.
+
+    The fixed keypoints ``p`` are moved by the flow sampled at them (linear interpolation,
+    :func:`regkit.keypoints.sample_points`) and compared with the moving keypoints ``q``:
+    ``TRE_i = ||(p_i + u(p_i) - q_i) * spacing||`` in mm. This is the Learn2Reg evaluation's
+    ``compute_tre`` (which interpolates with a cubic spline: the same values where the fixed
+    keypoints lie on voxel centres, as the corrfield keypoints of its lung tasks do; see
+    ``docs/learn2reg.md``).
+
+    Args:
+        flow: ``(B, ndim, *spatial)`` displacement in voxels on the fixed grid.
+        fixed_kp, moving_kp: ``(B, N, ndim)`` or ``(N, ndim)`` voxel coordinates.
+        spacing: voxel size in mm (the moving image's, as the challenge), ``(ndim,)`` or
+            ``(B, ndim)``; ``None`` gives voxel units.
+        mask: optional ``(B, N)`` bool, the valid keypoints of padded batches
+            (:class:`regkit.data.keypoints.KeypointPairDataset` pads to one length).
+    Returns:
+        float64 ``(B,)`` tensors: ``tre`` (mean over the valid keypoints, mm) and
+        ``tre_initial`` (the same without the flow: ``||(p - q) * spacing||``); NaN for a pair
+        without valid keypoints.
+    """
+    flow = flow.double()
+    after = keypoint_distances(flow, fixed_kp, moving_kp, spacing)
+    before = keypoint_distances(torch.zeros_like(flow[:1]), fixed_kp, moving_kp, spacing)
+    valid = torch.ones_like(after, dtype=torch.bool) if mask is None else torch.as_tensor(mask, device=after.device).bool()
+    if valid.dim() == 1:
+        valid = valid.unsqueeze(0)
+    if valid.shape[-1] != after.shape[-1]:
+        raise InputError(f"keypoint mask has {valid.shape[-1]} entries per pair, the keypoints {after.shape[-1]}")
+    n = valid.sum(-1).double()
+
+    def mean(d: Tensor) -> Tensor:
+        s = torch.where(valid, d, torch.zeros_like(d)).sum(-1)
+        return torch.where(n > 0, s / n.clamp_min(1), torch.full_like(s, float("nan")))
+
+    return {"tre": mean(after), "tre_initial": mean(before.expand_as(after))}
+
+
+# -- the Learn2Reg challenge's variants ---------------------------------------------------------
+# The current Learn2Reg evaluation (MDL-UzL/L2R, evaluation/evaluation.py and utils.py) computes
+# det J on the interior (2 voxels cropped from every side), adds 3 and clips to [1e-9, 1e9]
+# before the logarithm. regkit's own jacobian_metrics adds nothing; docs/learn2reg.md compares.
+L2R_JACOBIAN_OFFSET = 3.0
+L2R_JACOBIAN_CLIP = (1e-9, 1e9)
+L2R_JACOBIAN_CROP = 2
+
+
+def l2r_sdlogj(flow: Tensor, mask: Optional[Tensor] = None, det: Optional[Tensor] = None) -> Tensor:
+    """The Learn2Reg challenge's ``LogJacDetStd``, per batch item ``(B,)`` float64.
+
+    ``std(log(clip(det J + 3, 1e-9, 1e9)))`` (population std) over the voxels at least 2 voxels
+    from the border, with det J from central differences (:func:`regkit.spatial.jacobian_determinant`,
+    whose interior values are the challenge's). With ``mask`` (the fixed image's mask, tasks with
+    ``masked_evaluation``) only the interior voxels where ``mask == 1`` count, as the challenge's
+    masked array does. Because of the +3, folds (det J <= 0) are not excluded and the value is
+    not regkit's ``sdlogj``; a translation gives 0 in both. ``det``: as in :func:`jacobian_metrics`.
+    """
+    c = L2R_JACOBIAN_CROP
+    det = jacobian_determinant(flow.double()) if det is None else det
+    if any(n <= 2 * c for n in det.shape[1:]):
+        raise InputError(f"l2r_sdlogj: the field {tuple(flow.shape)} has no voxels {c} away from every border")
+    inner = (slice(None),) + (slice(c, -c),) * (det.dim() - 1)
+    logd = (det[inner] + L2R_JACOBIAN_OFFSET).clamp(*L2R_JACOBIAN_CLIP).log().reshape(det.shape[0], -1)
+    if mask is None:
+        region = torch.ones_like(logd, dtype=torch.bool)
+    else:
+        m = _squeeze_labels(torch.as_tensor(mask, device=det.device))
+        if tuple(m.shape[-det.dim() + 1:]) != tuple(det.shape[1:]):
+            raise InputError(f"l2r_sdlogj: mask shape {tuple(m.shape)} does not match the field's grid {tuple(det.shape[1:])}")
+        region = (m.expand_as(det)[inner] == 1).reshape(det.shape[0], -1)
+    n = region.sum(1).double()
+    mean = torch.where(region, logd, torch.zeros_like(logd)).sum(1) / n.clamp_min(1)
+    var = (torch.where(region, logd - mean[:, None], torch.zeros_like(logd)) ** 2).sum(1) / n.clamp_min(1)
+    return torch.where(n > 0, var.sqrt(), torch.full_like(n, float("nan")))
+
+
+def l2r_absent(fixed: Tensor, moving: Tensor, labels: Sequence[int]) -> Tensor:
+    """``(B, len(labels))`` bool: the label is missing from the fixed or the (unwarped) moving
+    map, which the Learn2Reg evaluation scores as NaN for Dice and HD95."""
+    f, m = _squeeze_labels(fixed), _squeeze_labels(moving)
+    b, n = f.shape[0], len(labels)
+
+    def present(x: Tensor) -> Tensor:
+        cols = label_columns(x.reshape(b, -1), labels)
+        offset = torch.arange(b, device=x.device).view(b, 1) * (n + 1)
+        return torch.bincount((offset + cols).reshape(-1), minlength=b * (n + 1)).view(b, n + 1)[:, 1:] > 0
+
+    return ~(present(f) & present(m))
+
+
+def l2r_dice(warped: Tensor, fixed: Tensor, moving: Tensor, labels: Sequence[int]) -> Tensor:
+    """The Learn2Reg challenge's per-label Dice ``(B, len(labels))``, float64: :func:`dice` of
+    the warped moving and the fixed map, NaN where the label is absent from the fixed or the
+    unwarped moving map (regkit's :func:`dice` is NaN only when absent from both compared maps)."""
+    d = dice(warped, fixed, labels)
+    return torch.where(l2r_absent(fixed, moving, labels).to(d.device), torch.full_like(d, float("nan")), d)

@@ -22,28 +22,35 @@ How it measures:
   beyond it fails inside the worker and is reported as "out of memory" instead of waking the
   kernel's OOM killer; a worker killed anyway (SIGKILL) is reported as such.
 
-By default every registered model is measured except the diffeomorphic variants (lkunet_diff),
-whose network is timed under its own name; add them with --models to see the cost of the
-integration. The default run takes about 10 minutes on a quiet 2-core CPU and needs about 12 GiB
-free (TransMorph's forward + backward).
+By default every registered model is measured (the list comes from the registry) except the
+variants whose registration makes them diffeomorphic (lkunet_diff): their network is timed under
+the plain variant's name; add them with --models to see the cost of the integration. The default
+run takes about 10 minutes on a quiet 2-core CPU and needs about 12 GiB free (TransMorph's
+forward + backward).
+
+With --out, the results are also written as JSON next to the markdown (``docs/benchmarks.md`` ->
+``docs/data/bench_models.json``; --json sets another path): the device, size, conditions and
+every worker's result, which scripts/model_table.py reads for the CPU-time column of
+docs/models.md.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import os
-import platform
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from doc_sections import replace_section
-from proc_memory import reset_peak_rss, status_kib
+from regkit.bench.machine import device_name, load_average
+from regkit.bench.memory import PeakMemory, mem_available_gib, out_of_memory
+from regkit.bench.report import replace_section
+from regkit.bench.timing import time_calls
+
+from regkit.data.io import atomic_write
 
 SECTION = "bench_models"
 HEADING = "## Models: time and peak memory per registration (`scripts/bench_models.py`)"
@@ -67,7 +74,6 @@ def worker(args) -> dict:
     model = regkit.create_model(args.worker).to(device)
     moving = torch.rand(1, 1, *args.size, device=device)
     fixed = torch.rand(1, 1, *args.size, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if args.phase == "forward":
         model.eval()
@@ -83,59 +89,24 @@ def worker(args) -> dict:
             out = model(moving, fixed)
             torch.mean((out.warped - fixed) ** 2).backward()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        reset = reset_peak_rss()
-        base = status_kib("VmRSS") * 1024
-        method = "VmHWM" if reset else "ru_maxrss"
-    sync()
-    t0 = time.perf_counter()
-    call()
-    sync()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    elif method == "VmHWM":
-        peak = status_kib("VmHWM") * 1024 - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"params": model.num_parameters(), "first_s": first, "times_s": times,
-            "median_s": statistics.median(times), "peak_bytes": peak, "memory": method}
+    with PeakMemory(device) as memory:  # over the warm-up and the timed calls
+        timing = time_calls(call, args.repeats, warmup=1, device=device)
+    return {"params": model.num_parameters(), "first_s": timing.first, "times_s": timing.times,
+            "median_s": timing.median, "peak_bytes": memory.peak_bytes, "memory": memory.kind}
 
 
 def run_worker(args) -> int:
     try:
         result = worker(args)
     except (RuntimeError, MemoryError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        oom = isinstance(exc, MemoryError) or any(
-            s in text.lower() for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
-        result = {"error": ("out of memory: " if oom else "failed: ") + text[:200]}
+        oom = out_of_memory(exc)
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        result = {"error": f"out of memory: {oom}" if oom else f"failed: {text}"}
     print(json.dumps(result))
     return 0
 
 
 # -- parent -------------------------------------------------------------------------------------
-def mem_available_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024 ** 2
-    except OSError:
-        pass
-    return float("nan")
-
-
 def measure(name: str, phase: str, args) -> dict:
     limit = args.mem_limit_gb or max(1.0, mem_available_gib() - 1.0)
     cmd = [sys.executable, __file__, "--worker", name, "--phase", phase, "--device", args.device,
@@ -159,26 +130,11 @@ def measure(name: str, phase: str, args) -> dict:
     return result
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_line(args) -> str:
     import torch
 
-    if args.device == "cuda":
-        dev = torch.cuda.get_device_name(0)
-    else:
-        threads = args.threads or torch.get_num_threads()
-        dev = f"CPU {cpu_name()}, {os.cpu_count()} cores, {threads} torch threads"
-    load = ", load average at start {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
+    dev = ("" if args.device == "cuda" else "CPU ") + device_name(args.device, args.threads or None)
+    load = f", load average at start {load_average():.1f}"
     return (f"Device: {dev}{load}. torch {torch.__version__}, {datetime.date.today().isoformat()}. "
             f"Input {'x'.join(map(str, args.size))}, batch 1, one channel; median of {args.repeats} "
             f"timed calls after one warm-up call.")
@@ -217,6 +173,28 @@ def markdown(results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_models() -> list:
+    """Every registered model but those whose registration sets ``diffeomorphic=True``."""
+    import regkit
+
+    return [n for n in regkit.list_models() if not regkit.models.MODELS.defaults(n).get("diffeomorphic")]
+
+
+def json_record(results: dict, args) -> dict:
+    """What --json writes: plain data, with the markdown's conditions line."""
+    import torch
+
+    return {"format": "regkit-bench-models-v1", "device": args.device, "size": list(args.size),
+            "repeats": args.repeats, "torch": str(torch.__version__), "date": datetime.date.today().isoformat(),
+            "conditions": device_line(args),
+            "command": " ".join(["scripts/bench_models.py"] + args.argv), "results": results}
+
+
+def write_json(path: Path, record: dict) -> None:
+    text = json.dumps(record, indent=1) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -232,20 +210,22 @@ def main(argv=None) -> int:
                     help="per-worker memory cap on CPU (0: available memory at start - 1 GiB)")
     ap.add_argument("--ratio-to", default="student", help="model whose forward time the ratios divide by")
     ap.add_argument("--out", type=Path, help="markdown file whose bench_models section to rewrite")
+    ap.add_argument("--json", type=Path,
+                    help="JSON file for the results (default with --out: data/bench_models.json next to it)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return run_worker(args)
     # The recorded command reproduces the table wherever it is written, so --out is left out.
-    args.argv = [a for i, a in enumerate(argv)
-                 if not (a == "--out" or a.startswith("--out=") or (i and argv[i - 1] == "--out"))]
+    args.argv = [a for i, a in enumerate(argv) if not any(
+        a == opt or a.startswith(opt + "=") or (i and argv[i - 1] == opt) for opt in ("--out", "--json"))]
     if args.repeats < 1 or any(s < 1 for s in args.size):
         ap.error("--repeats and --size must be positive")
 
     import regkit
 
-    names = args.models or [n for n in regkit.list_models() if not n.endswith("_diff")]
+    names = args.models or default_models()
     for name in names:
         regkit.models.MODELS.get(name)  # unknown names fail here, with the valid ones listed
     results = {}
@@ -265,6 +245,10 @@ def main(argv=None) -> int:
     if args.out:
         replace_section(args.out, SECTION, text)
         print(f"wrote {args.out}", file=sys.stderr)
+    json_path = args.json or (args.out.parent / "data" / "bench_models.json" if args.out else None)
+    if json_path:
+        write_json(json_path, json_record(results, args))
+        print(f"wrote {json_path}", file=sys.stderr)
     return 0
 
 

@@ -19,26 +19,22 @@ import json
 import sys
 from pathlib import Path
 
+from regkit.bench.report import replace_section
+from regkit.errors import RegkitError
+from regkit.predictor import Predictor
+from regkit.registration import benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import torch  # noqa: E402
-from doc_sections import replace_section  # noqa: E402  (scripts/ is on sys.path)
-from regkit.errors import RegkitError  # noqa: E402
-from regkit.registration import benchmark  # noqa: E402
-from regkit.training import load_model  # noqa: E402
-
 SECTION = "bench_register"
 
 
 def network_predictor(checkpoint: str):
-    """``(moving, fixed) -> flow`` of a trained regkit network (checkpoint loaded weights-only)."""
-    model = load_model(checkpoint, map_location="cpu").eval()
+    """``(moving, fixed) -> flow`` of a trained regkit network: its :class:`~regkit.predictor.Predictor`
+    (read weights-only; the scans normalised and resized as in its training)."""
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
 
     def predict(moving, fixed):
-        with torch.no_grad():
-            return model(moving, fixed).flow
+        return predictor(predictor.prepare(moving), predictor.prepare(fixed)).flow
 
     return predict
 

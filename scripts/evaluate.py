@@ -3,11 +3,11 @@
 
     python scripts/evaluate.py outputs/train/runs/<run>/checkpoints/best.ckpt --split test
 
-Same as the console command ``regkit-evaluate``; see ``regkit/evaluation.py``.
+Same as the console command ``regkit-evaluate``; see ``regkit/cli/evaluate.py``.
 """
 import sys
 
-from regkit.evaluation import main
+from regkit.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

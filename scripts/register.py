@@ -3,11 +3,11 @@
 
     python scripts/register.py CKPT moving.nii.gz fixed.nii.gz -o out/ [--moving-label L] [--fixed-label L]
 
-Same as the console command ``regkit-register``; see ``regkit/inference.py`` and the README.
+Same as the console command ``regkit-register``; see ``regkit/cli/register.py`` and the README.
 """
 import sys
 
-from regkit.inference import main
+from regkit.cli.register import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,7 @@ from regkit.data.resample import resample_to_grid
 from regkit.errors import InputError
 from regkit.models import create_model
 from regkit.registration import benchmark, peers
-from regkit.training.checkpoint import model_spec, save_checkpoint
+from regkit.checkpoint import model_spec, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

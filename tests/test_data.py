@@ -51,14 +51,24 @@ def test_synthetic_ixi_size_configurable(tmp_path):
     assert item["moving"].shape == (1, 160, 192, 224) and item["fixed_label"].dtype == torch.int64
 
 
-def test_pair_dataset_items(tmp_path):
+def test_pair_dataset_items(tmp_path, monkeypatch):
+    import regkit.data.pairs as pairs_module
+
     root = generate_synthetic(tmp_path, shape=(20, 22, 24), n_train=2, n_val=0, n_test=0, progress=False)
+    reads = []
+    real_load = pairs_module.load_volume
+    monkeypatch.setattr(pairs_module, "load_volume", lambda path, *a, **k: reads.append(path) or real_load(path, *a, **k))
     ds = PairDataset(read_pairs_csv(root / "train_pairs.csv"), normalize="minmax", cache=True)
+    first = ds[0]
     item = ds[1]
     assert item["moving"].shape == (1, 20, 22, 24) and item["moving"].dtype == torch.float32
     assert float(item["fixed"].min()) == 0.0 and float(item["fixed"].max()) == 1.0
     assert item["id"] == "atlas->train_001"
-    assert len(ds._cache) == 4  # atlas image + label read once, shared by both pairs
+    # both pairs share the atlas: with the cache, its image and label map are read once, and
+    # reading the pairs again reads nothing
+    assert len(reads) == len(set(reads)) == 6  # atlas image and label, two subjects' images and labels
+    again = ds[0]
+    assert len(reads) == 6 and torch.equal(again["moving"], first["moving"])
 
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "nan", "not3d", "float_labels"])

@@ -12,7 +12,7 @@ from regkit.models import RegistrationOutput
 from regkit.models.cascade import Cascade
 from regkit.spatial import compose_flows, warp
 from regkit.training import PhaseTimer, load_checkpoint, load_model, save_checkpoint
-from regkit.training.checkpoint import model_spec
+from regkit.checkpoint import model_spec
 from tests.conftest import TINY_DATA, compose
 from tests.test_models import SMALL_KWARGS
 from tests.test_training import scalars

@@ -15,6 +15,7 @@ from regkit import distributed
 from regkit.experiment import build
 from regkit.training import load_checkpoint
 from regkit.training.callbacks import Validation
+from regkit.data.module import train_sampler
 from tests.conftest import ROOT, TINY_DATA, compose
 
 # 4 training pairs: 2 steps per epoch at global batch 2 (1 per rank on 2 ranks), 2 epochs; no files.
@@ -116,14 +117,14 @@ def test_sampler_shards_the_single_process_permutation(monkeypatch):
     for epoch in range(3):
         single = EpochSampler(n, True, seed=5)
         single.set_epoch(epoch)
-        order = list(single)
+        order = [i for _, i in single]
         orders.append(order)
         shards = []
         for rank in range(world):
             monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
-            sampler = distributed.train_sampler(n, seed=5)
+            sampler = train_sampler(n, seed=5)
             sampler.set_epoch(epoch)
-            shards.append(list(sampler))
+            shards.append([i for _, i in sampler])
         assert all(len(s) == n // world for s in shards)
         steps = (n // world) // batch
         assert steps == n // (world * batch)
@@ -207,7 +208,7 @@ def test_single_process_is_untouched(monkeypatch):
         monkeypatch.setenv(key, "0")  # recorded, so that the delenv below is undone after the test
         monkeypatch.delenv(key)
     assert not distributed.launched_by_torchrun() and not distributed.adopt_submitit_env()
-    assert not distributed.setup(torch.device("cpu")) and distributed.train_sampler(5, 0) is None
+    assert not distributed.setup(torch.device("cpu")) and train_sampler(5, 0) is None
     assert distributed.mean_over_ranks({"a": 1.5}, torch.device("cpu")) == {"a": 1.5}
 
 
@@ -223,7 +224,7 @@ def test_distributed_errors_are_clear(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     with pytest.raises(ValueError, match="the training split has 1 pairs, fewer than the 2 processes"):
-        distributed.train_sampler(1, 0)
+        train_sampler(1, 0)
     if not torch.cuda.is_available():
         monkeypatch.setenv("LOCAL_RANK", "0")
         with pytest.raises(ValueError, match="CUDA is not available"):

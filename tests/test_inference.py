@@ -12,7 +12,7 @@ import torch
 import regkit
 from regkit.evaluation import evaluate
 from regkit.inference import register_files
-from regkit.training.checkpoint import model_spec, save_checkpoint
+from regkit.checkpoint import model_spec, save_checkpoint
 from tests.conftest import ROOT
 
 SHAPE = (24, 20, 28)
@@ -163,7 +163,7 @@ def test_validation_logs_jacobian_hd95_and_groups(tmp_path, data_dir):
     from regkit.experiment import train
     from tests.conftest import TINY_DATA, compose
 
-    overrides = TINY_DATA + ["trainer.max_epochs=1", "~logger", "callbacks.validation.hd95=true",
+    overrides = TINY_DATA + ["trainer.max_epochs=1", "~logger", "callbacks.validation.evaluator.hd95=true",
                              "+dataset.label_groups={wm:[2,41],cortex:[3,42]}"]
     metrics = train(compose(overrides, output_dir=tmp_path, data_dir=data_dir))
     assert 0 <= metrics["val/dice_groups"] <= 1 and 0 <= metrics["val/dice"] <= 1
@@ -184,7 +184,7 @@ def test_evaluate_at_full_resolution_and_from_a_csv(tmp_path, checkpoint):
 @pytest.fixture(scope="module")
 def checkpoint_with_loss(tmp_path_factory, checkpoint):
     """The same checkpoint, with the training loss a train.py run records (ncc + grad + dice)."""
-    from regkit.training.checkpoint import load_checkpoint, to_plain
+    from regkit.checkpoint import load_checkpoint, to_plain
     from tests.conftest import compose
 
     data = load_checkpoint(checkpoint)
@@ -221,6 +221,6 @@ def test_register_bad_finetune_options(tmp_path, scans, checkpoint_with_loss, kw
 
 
 def test_register_finetune_needs_the_training_loss(tmp_path, scans, checkpoint):
-    with pytest.raises(ValueError, match="no loss config, needed by --finetune-steps"):
+    with pytest.raises(ValueError, match="holds no loss config"):
         register_files(checkpoint, scans["moving"], scans["fixed"], tmp_path / "out", device="cpu", finetune_steps=2)
     assert not (tmp_path / "out").exists()

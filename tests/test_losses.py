@@ -194,6 +194,9 @@ def _inputs_for(term, shape=(1, 1, 16, 16, 16)):
         return torch.rand(shape), torch.rand(shape)
     if term.inputs == "flow":
         return (torch.randn(shape[0], 3, *shape[2:]),)
+    if term.inputs == "keypoints":
+        fixed = torch.rand(shape[0], 10, 3) * (shape[2] - 1)
+        return torch.randn(shape[0], 3, *shape[2:]), fixed, fixed + torch.randn(shape[0], 10, 3)
     k = len(term.labels)
     return torch.rand(shape[0], k, *shape[2:]), (torch.rand(shape[0], k, *shape[2:]) > 0.5).float()
 
@@ -201,7 +204,7 @@ def _inputs_for(term, shape=(1, 1, 16, 16, 16)):
 @pytest.mark.parametrize("name", regkit.list_losses())
 def test_every_loss_runs_with_defaults(name):
     term = regkit.create_loss(name)
-    assert term.inputs in ("images", "flow", "labels")
+    assert term.inputs in ("images", "flow", "labels", "keypoints")
     value = term(*_inputs_for(term))
     assert value.dim() == 0 and torch.isfinite(value)
 
@@ -314,12 +317,15 @@ def test_dice_with_no_label_present_is_zero_and_differentiable():
 
 
 def test_dice_default_labels_are_the_ixi_structures():
+    from regkit.metrics import IXI_LABELS
+
     assert regkit.create_loss("dice").labels == (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
                                                  41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
+    assert regkit.create_loss("dice", labels="ixi").labels == IXI_LABELS  # by name, defined once (metrics)
 
 
 @pytest.mark.parametrize("labels,match", [([], "non-empty"), (None, "non-empty"), ([1, 1], "distinct"),
-                                          ([1, 2.5], "integer"), ("2,3", "non-empty")])
+                                          ([1, 2.5], "integer"), ("2,3", r"Dice: Unknown label set '2,3'")])
 def test_dice_bad_labels(labels, match):
     with pytest.raises(ValueError, match=match):
         regkit.create_loss("dice", labels=labels)
@@ -399,12 +405,70 @@ def test_composite_folding_acts_on_the_displacement():
 # ----------------------------------------------------------------------------- configs on a real batch
 @pytest.fixture(scope="module")
 def real_batch(tmp_path_factory):
-    """One training batch of the synthetic NIfTI dataset (images, label maps), as the trainer sees it."""
+    """One training batch of the synthetic NIfTI dataset (images, label maps), as the trainer sees it,
+    plus keypoints as a Learn2Reg dataset's batches carry them (padded, with a mask)."""
     from regkit.data.synthetic import SyntheticData
 
     data = SyntheticData(tmp_path_factory.mktemp("losses"), shape=(24, 24, 24), n_train=2, n_val=0, n_test=0,
                          batch_size=2, normalize="minmax")
-    return next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
+    fixed = torch.rand(2, 12, 3, generator=torch.Generator().manual_seed(0)) * 23
+    batch.update(fixed_keypoints=fixed.double(), moving_keypoints=(fixed + 1.5).double(),
+                 keypoints_mask=torch.arange(12).expand(2, 12) < torch.tensor([[12], [9]]))
+    return batch
+
+
+def public_state(term):
+    """What defines a built term: its class, repr and public attributes (options as stored)."""
+    return type(term), repr(term), {k: v for k, v in vars(term).items() if not k.startswith("_") and k not in ("training", "regkit_spec")}
+
+
+@pytest.mark.parametrize("name", regkit.list_losses())
+def test_config_and_registry_build_the_same_term(name):
+    """configs/loss/<name>.yaml lists its term's options as ${regkit.default:}: built from the YAML,
+    by name through the registry, or added by name to a recipe, the term is the same, so its
+    defaults are written once (the class signature)."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose
+
+    from_yaml = instantiate(compose([f"loss={name}"]).loss).terms[name]
+    assert public_state(from_yaml) == public_state(regkit.create_loss(name))
+    recipe = "loss=bending" if name != "bending" else "loss=grad"  # one without the term
+    added = instantiate(compose([recipe, f"+loss.terms.{name}.weight=1"]).loss)
+    assert public_state(added.terms[name]) == public_state(from_yaml)
+
+
+def test_docs_loss_table_states_the_code_defaults():
+    """docs/losses.md's "options (defaults)" column quotes the class defaults; it must not drift."""
+    import ast
+    import re
+
+    from tests.conftest import ROOT
+
+    rows = {}
+    for line in (ROOT / "docs" / "losses.md").read_text().splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 6 and re.fullmatch(r"`\w+`", cells[0]) and cells[0].strip("`") in regkit.list_losses():
+            rows[cells[0].strip("`")] = cells[4]
+    assert sorted(rows) == regkit.list_losses()
+    previous = None
+    for name, cell in rows.items():
+        quoted = dict(re.findall(r"`(\w+)=([^`]+)`", cell)) if cell != "same" else previous
+        options = regkit.losses.LOSSES.options(name)
+        assert {k: ast.literal_eval(v) for k, v in quoted.items()} == {k: options[k] for k in quoted}, name
+        assert set(quoted) <= set(options) and (quoted or cell == "–" and not options), name
+        previous = quoted
+
+
+def test_term_options_are_overridden_from_the_command_line():
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose
+
+    loss = instantiate(compose(["loss=lncc_fast", "loss.terms.lncc_fast.loss.window=7", "loss.terms.grad.weight=5",
+                                "loss.terms.grad.loss.penalty=l1"]).loss)
+    assert loss.terms["lncc_fast"].window == 7 and loss.terms["grad"].penalty == "l1" and loss.weights["grad"] == 5
 
 
 def _run_config(cfg, batch):

@@ -1,35 +1,17 @@
 """Every registered model, as a table: counts, shapes at odd sizes, identity at init, learning."""
+import json
+
 import pytest
 import torch
 
 import regkit
-from regkit.models import RegistrationOutput
+from regkit.models import MODELS, RegistrationOutput
 
-# Reference parameter counts (../shared/REFERENCE.md), 3-D, one input channel.
-PARAM_COUNTS = {
-    "vxm1": 274_387,
-    "vxm2": 301_411,
-    # LKU-Net without the reference's unused output conv (see REFERENCE_CODE_COUNTS).
-    "lkunet": 2_086_342,
-    "lkunet16": 8_339_702,
-    "lkunet4": 522_302,
-    "lkunet_diff": 2_086_342,
-    "transmorph": 46_771_251,  # any input size: no parameter is sized by it
-    # regkit's own build of the paper's description; no reference count exists.
-    "student": 1_548_528,
-}
-# What the LKU-Net reference code reports: the same network plus one unused output conv.
-REFERENCE_CODE_COUNTS = {
-    "lkunet": 2_087_638,
-    "lkunet16": 8_342_294,
-    "lkunet4": 522_950,
-    "lkunet_diff": 2_087_638,
-}
 # Small builds for the per-model tests (a model that needs options to stay fast on CPU lists them).
 # TransMorph: the reference's TransMorph-Tiny (embed 6), whose count is checked below.
 SMALL_KWARGS = {"transmorph": {"embed_dim": 6, "num_heads": (2, 2, 4, 4)}}
 TWO_D = {"vxm1", "vxm2", "lkunet", "lkunet16", "lkunet4", "lkunet_diff", "student"}
-MODELS = regkit.list_models()
+NAMES = regkit.list_models()
 
 
 def build(name, **kw):
@@ -37,16 +19,35 @@ def build(name, **kw):
     return regkit.create_model(name, **{**SMALL_KWARGS.get(name, {}), **kw})
 
 
-def test_every_model_has_a_reference_count():
-    assert sorted(PARAM_COUNTS) == MODELS
+def check_against_metadata(name):
+    """The built model (3-D, one channel, the registered defaults) has the count its registration
+    states, and a reference count that differs is explained (LKU-Net's is checked exactly below)."""
+    info = MODELS.info(name)
+    assert regkit.create_model(name).num_parameters() == info.params
+    if info.reference_params != info.params:
+        assert info.reference_note
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_parameter_count(name):
-    assert regkit.create_model(name).num_parameters() == PARAM_COUNTS[name]
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_count_is_the_registered_one(name):
+    check_against_metadata(name)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_default_can_be_overridden_by_keyword(name):
+    """One rule for every model: each of the registration's defining numbers is a default that a
+    keyword overrides (vxm1(enc_channels=...) as lkunet(start_channels=...)), and the override
+    is what gets built: building with another variant's values gives that variant's count."""
+    defaults = MODELS.defaults(name)
+    assert defaults, f"{name} registers no defining numbers"
+    assert regkit.create_model(name, **defaults).num_parameters() == MODELS.info(name).params
+    for other in NAMES:
+        theirs = MODELS.defaults(other)
+        if other != name and set(theirs) == set(defaults) and MODELS.info(other).params != MODELS.info(name).params:
+            assert regkit.create_model(name, **theirs).num_parameters() == MODELS.info(other).params
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_odd_size_output_is_identity_at_init(name):
     model = build(name)
     moving, fixed = torch.rand(1, 1, 37, 45, 51), torch.rand(1, 1, 37, 45, 51)
@@ -59,14 +60,14 @@ def test_odd_size_output_is_identity_at_init(name):
     assert torch.allclose(out.warped, moving, atol=1e-2)
 
 
-@pytest.mark.parametrize("name", sorted(TWO_D & set(MODELS)))
+@pytest.mark.parametrize("name", sorted(TWO_D & set(NAMES)))
 def test_2d(name):
     model = build(name, ndim=2)
     out = model(torch.rand(2, 1, 33, 47), torch.rand(2, 1, 33, 47))
     assert out.flow.shape == (2, 2, 33, 47)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NAMES)
 def test_training_step_reduces_loss(name):
     torch.manual_seed(0)
     model = build(name)
@@ -87,7 +88,7 @@ def test_training_step_reduces_loss(name):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NAMES)
 def test_diffeomorphic_switch_returns_velocity(name):
     model = build(name, diffeomorphic=True, int_steps=7)
     with torch.no_grad():
@@ -96,33 +97,43 @@ def test_diffeomorphic_switch_returns_velocity(name):
     assert out.field is out.velocity
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NAMES)
 def test_rejects_mismatched_pair(name):
     model = build(name)
     with pytest.raises(ValueError, match=r"same shape.*\(1, 1, 32, 32, 32\).*\(1, 1, 32, 32, 33\)"):
         model(torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 33))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NAMES)
 def test_rejects_too_small_input(name):
     model = build(name)
     with pytest.raises(ValueError, match=">= 16"):
         model(torch.rand(1, 1, 8, 32, 32), torch.rand(1, 1, 8, 32, 32))
 
 
-def test_config_builds_the_registered_model():
+def assert_same_model(a, b):
+    """Same architecture (every layer's repr, parameter names and shapes) and options."""
+    assert repr(a) == repr(b)
+    assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+    for option in ("ndim", "in_channels", "diffeomorphic", "int_steps", "int_downsize", "size_multiple"):
+        assert getattr(a, option) == getattr(b, option), option
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_builds_the_registered_model(name):
+    """configs/model/<name>.yaml (whose options are ${regkit.default:}) builds exactly what
+    create_model(name) builds: the defaults live in the code only."""
     from hydra.utils import instantiate
 
     from tests.conftest import compose
 
-    for name in MODELS:
-        cfg = compose([f"model={name}"], output_dir="/tmp/unused")
-        model = instantiate(cfg.model)
-        assert model.regkit_spec["name"] == name
-        assert model.num_parameters() == regkit.create_model(name).num_parameters()
+    cfg = compose([f"model={name}"], output_dir="/tmp/unused")
+    model = instantiate(cfg.model)
+    assert model.regkit_spec["name"] == name
+    assert_same_model(model, regkit.create_model(name))
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS) - TWO_D))
+@pytest.mark.parametrize("name", sorted(set(NAMES) - TWO_D))
 def test_3d_only_models_say_so(name):
     with pytest.raises(ValueError, match=r"3-D only.*ndim=2"):
         regkit.create_model(name, ndim=2)
@@ -139,7 +150,7 @@ def smooth_random_field(shape, amplitude, seed=0, spacing=8):
 
 
 @pytest.mark.parametrize("int_downsize", [1, 2])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NAMES)
 def test_diffeomorphic_integration_removes_folding(name, int_downsize, monkeypatch):
     """The network's field is replaced by a smooth random one that folds as a displacement; the
     same field integrated as a velocity (7 scaling-and-squaring steps) must not fold."""
@@ -160,20 +171,22 @@ def test_diffeomorphic_integration_removes_folding(name, int_downsize, monkeypat
 
 
 # --- LKU-Net ---------------------------------------------------------------------------------
-LKUNETS = sorted(REFERENCE_CODE_COUNTS)
+DIFFERENT_FROM_REFERENCE = [n for n in NAMES if MODELS.info(n).reference_params not in (None, MODELS.info(n).params)]
 
 
-def test_every_lkunet_has_a_reference_code_count():
+def test_the_lkunets_are_the_models_that_differ_from_their_reference_code():
+    assert DIFFERENT_FROM_REFERENCE == ["lkunet", "lkunet16", "lkunet4", "lkunet_diff"]
+
+
+@pytest.mark.parametrize("name", DIFFERENT_FROM_REFERENCE)
+def test_lkunet_count_plus_unused_conv_is_reference_code_count(name):
+    """A registered reference count that differs from regkit's build is explained exactly: here,
+    by the reference's unused output conv."""
     from regkit.models.lkunet import LKUNet
 
-    assert LKUNETS == sorted(n for n in MODELS if isinstance(regkit.create_model(n), LKUNet))
-
-
-@pytest.mark.parametrize("name", LKUNETS)
-def test_lkunet_count_plus_unused_conv_is_reference_code_count(name):
     model = regkit.create_model(name)
-    assert model.num_parameters() == PARAM_COUNTS[name]
-    assert model.num_parameters() + model.unused_reference_parameters() == REFERENCE_CODE_COUNTS[name]
+    assert isinstance(model, LKUNet)
+    assert model.num_parameters() + model.unused_reference_parameters() == MODELS.info(name).reference_params
 
 
 class ConstantHead(torch.nn.Module):
@@ -262,9 +275,9 @@ def test_student_is_smaller_than_its_teachers(teacher):
 
 
 # --- checkpoints and docs --------------------------------------------------------------------
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_round_trip_rebuilds_the_same_model(name, tmp_path):
-    from regkit.training.checkpoint import load_model, model_spec, save_checkpoint
+    from regkit.checkpoint import load_model, model_spec, save_checkpoint
 
     model = build(name)
     path = save_checkpoint(tmp_path / "m.ckpt", {"model": model_spec(model), "state_dict": model.state_dict()})
@@ -274,7 +287,8 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(name, tmp_path):
         assert k1 == k2 and torch.equal(v1, v2)
 
 
-def test_docs_model_table_is_current():
+def load_script(name):
+    """scripts/<name>.py as a module (its sibling imports, e.g. doc_sections, resolved)."""
     import importlib.util
     import sys
 
@@ -282,14 +296,61 @@ def test_docs_model_table_is_current():
 
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        spec = importlib.util.spec_from_file_location("model_table", ROOT / "scripts" / "model_table.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+    return module
+
+
+def test_docs_model_table_is_current():
+    from tests.conftest import ROOT
+
+    module = load_script("model_table")
     assert module.read_section(ROOT / "docs" / "models.md", module.SECTION) == module.table(), (
         "docs/models.md is stale: run .venv/bin/python scripts/model_table.py --out docs/models.md"
     )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multiply_adds_on_meta_equal_the_full_forward_on_cpu(name):
+    """The table counts predict_field on the meta device; the full forward (padding, network, warp,
+    integration) on real CPU tensors counts the same per op: the warp and the integration add
+    nothing FlopCounterMode counts. Attention takes PyTorch's math path here, as on meta (the
+    counter has no formula for the fused CPU kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = (17, 20, 23)  # padded to each model's multiple
+    model = build(name).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(torch.rand(1, 1, *size), torch.rand(1, 1, *size))
+    full = {str(op): n // 2 for op, n in counter.get_flop_counts()["Global"].items()}
+    assert full and load_script("model_table").multiply_adds(model, size) == full
+
+
+def test_vxm2_multiply_adds_are_the_published_figure():
+    """The Baskerville case study's VoxelMorph (VxmDense_2) figure, 398.81 G multiply-adds, is
+    regkit's count at 160x192x224 to all five digits (docs/models.md compares both models)."""
+    macs = sum(load_script("model_table").multiply_adds(regkit.create_model("vxm2"), (160, 192, 224)).values())
+    assert round(macs / 1e9, 2) == 398.81
+
+
+def test_model_table_takes_cpu_time_from_the_benchmark_json(tmp_path):
+    module = load_script("model_table")
+    path = tmp_path / "bench_models.json"
+    record = {"device": "cpu", "size": [160, 192, 224], "conditions": "Device: test.",
+              "results": {"vxm1": {"forward": {"median_s": 6.004}, "train": {"median_s": 18.4}},
+                          "vxm2": {"forward": {"error": "out of memory"}}}}
+    path.write_text(json.dumps(record))
+    bench = module.bench_results(path)
+    assert [module.cpu_forward(bench, n) for n in ("vxm1", "vxm2", "student")] == ["6.00", "not measured",
+                                                                                   "not measured"]
+    assert "Device: test." in module.table(["vxm1"], bench_path=path)
+    path.write_text(json.dumps({**record, "size": [16, 16, 16]}))  # another size: not this table's figure
+    assert module.bench_results(path) is None and module.bench_results(tmp_path / "absent.json") is None
 
 
 @pytest.mark.parametrize("shifted", [False, True])
@@ -339,6 +400,10 @@ def test_bench_script_reports_times_and_out_of_memory(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "1,548,528" and float(cells[2]) > 0 and float(cells[4]) > 0 and cells[3] == "1.0"
     assert "<!-- bench_models:start -->" in out.read_text()
+    # the machine-readable results next to the markdown, which model_table.py reads
+    record = json.loads((tmp_path / "data" / "bench_models.json").read_text())
+    assert record["size"] == [16, 16, 16] and record["device"] == "cpu" and record["conditions"].startswith("Device:")
+    assert record["results"]["student"]["forward"]["params"] == MODELS.info("student").params
     capped = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_models.py"), "--models", "student",
                              "--mem-limit-gb", "0.3"], capture_output=True, text=True)
     assert capped.returncode == 0, capped.stderr

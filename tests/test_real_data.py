@@ -13,7 +13,7 @@ from regkit.data import PairData, load_volume
 from regkit.data.pairs import Pair
 from regkit.inference import register_files
 from regkit.metrics import IXI_LABELS, IXI_STRUCTURES, dice, group_scores
-from regkit.training.checkpoint import model_spec, save_checkpoint
+from regkit.checkpoint import model_spec, save_checkpoint
 
 pytestmark = pytest.mark.realdata
 COMMON = "common_160x192x224"

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from regkit.errors import InputError
 from regkit.registration.deformable import DeformableRegistration, GreedyOptimizer, invert_flow, lipschitz_bound
-from regkit.registration.pipeline import (Pipeline, load_preset, plot_loss_curves, sample_at, voxel_map,
+from regkit.spatial import sample_at
+from regkit.registration.pipeline import (Pipeline, load_preset, plot_loss_curves, voxel_map,
                                           whole_flow)
 from regkit.registration.pyramid import level_shape
 from regkit.registration.refine import Refine

@@ -39,32 +39,42 @@ def test_multirun_writes_one_folder_per_job(tmp_path, data_dir):
         assert ckpt["model"]["name"] == model and ckpt["epoch"] == 1
 
 
-def test_slurm_launcher_config_composes():
+def _importable(target: str):
+    import importlib
+
+    module, name = target.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def test_slurm_launcher_config_is_valid_for_its_plugin(tmp_path):
+    """The config composes, names a class that exists, and fills every field of the plugin's own
+    config schema (a misspelt key or a missing value would fail here, not on the cluster)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4"])
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+    from omegaconf import OmegaConf
+
+    cfg = compose_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}"])
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 1)
-    assert launcher.timeout_min == 1440 and launcher.array_parallelism == 16
-    assert str(launcher.submitit_folder).endswith("/.submitit/%j")
+    _importable(launcher._target_)
+    schema = OmegaConf.structured(SlurmQueueConf)
+    merged = OmegaConf.merge(schema, OmegaConf.to_container(launcher, resolve=True))
+    assert set(launcher) <= set(schema) and merged.partition == "gpu"
+    assert str(merged.submitit_folder).startswith(str(tmp_path))  # submitit's logs land in the sweep folder
 
 
-def test_local_parallel_launcher_config_composes():
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    cfg = compose_hydra(["hydra/launcher=local_parallel"])
-    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
-    assert cfg.hydra.launcher.n_jobs == 2 and cfg.hydra.launcher.backend == "loky"
-
-
-def test_optuna_search_config_composes():
+def test_optuna_search_space_names_real_config_keys():
+    """Every searched parameter is a key of the composed run config (a typo would silently search
+    nothing), the metric it maximises is one train.py returns, and the sampler can be built."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
     cfg = compose_hydra(["hparams_search=optuna"])
-    sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    assert sweeper.direction == "maximize" and cfg.optimized_metric == "val/dice"
-    assert set(sweeper.params) == {"loss.terms.grad.weight", "optimizer.lr"}
-    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
-    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None, key
+    assert cfg.optimized_metric == "val/dice" and cfg.hydra.sweeper.direction == "maximize"
+    sampler = instantiate(cfg.hydra.sweeper.sampler)
+    assert type(sampler).__name__ == "TPESampler"
 
 
 @pytest.mark.slow
@@ -81,3 +91,30 @@ def test_optuna_search_maximises_the_returned_metric(tmp_path, data_dir):
     assert set(result["best_params"]) == {"loss.terms.grad.weight", "optimizer.lr"}
     lrs = [yaml.safe_load((sweep / str(n) / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"] for n in (0, 1)]
     assert 1e-5 <= min(lrs) and max(lrs) <= 1e-2 and lrs[0] != lrs[1]  # sampled from the search space
+
+
+@pytest.mark.parametrize("job, parallel, gpus, cpus, expected", [
+    (0, 4, 4, 16, (0, 4)), (3, 4, 4, 16, (3, 4)),   # the Baskerville case: four jobs on four GPUs
+    (5, 4, 4, 16, (1, 4)),                           # round robin beyond the visible devices
+    (1, 2, 0, 2, (None, 1)),                         # a 2-core CPU: one thread each, no thrashing
+    (0, 8, 1, 4, (0, 1)),                            # never fewer than one thread
+])
+def test_parallel_jobs_get_their_own_gpu_and_cpu_share(job, parallel, gpus, cpus, expected):
+    from regkit.distributed import job_resources, joblib_parallel_jobs
+
+    assert job_resources(job, parallel, gpus, cpus) == expected
+    assert joblib_parallel_jobs(-1, 16) == 16 and joblib_parallel_jobs(-2, 16) == 15 and joblib_parallel_jobs(2, 16) == 2
+
+
+def test_local_parallel_sweep_records_each_jobs_share(tmp_path, data_dir):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    import os
+
+    sweep = tmp_path / "sweep"
+    res = _cli("-m", "hydra/launcher=local_parallel", "model=vxm1,vxm2", *QUICK, "trainer.limit_train_batches=1",
+               f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    for num in (0, 1):
+        log = (sweep / str(num) / "train.log").read_text()
+        assert f"sweep job {num} (2 at once on this machine): device cpu, {threads} CPU thread(s)" in log

@@ -3,7 +3,6 @@ table without re-running, and identical training whichever LNCC computes the los
 import csv
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,24 +14,46 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import summarize_timing  # noqa: E402
 
 
+class FakeClock:
+    """A clock that only moves when told to (no sleeping, no dependence on the machine's load)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 def test_phase_timer_excludes_warmup_and_sums_phases():
-    timer = PhaseTimer(torch.device("cpu"), warmup_steps=1)
+    clock = FakeClock()
+    timer = PhaseTimer(torch.device("cpu"), warmup_steps=1, clock=clock)
     timer.start_epoch()
-    for step in range(3):
-        for _ in timer.iterate([0]):
-            with timer.phase("forward"):
-                time.sleep(0.2 if step == 0 else 0.01)  # the warm-up step is slow
-            with timer.phase("backward"):
-                time.sleep(0.01)
+
+    def loader():
+        for step in range(3):
+            clock.advance(0.004)  # waiting for the batch: the data phase
+            yield step
+
+    for step in timer.iterate(loader()):
+        with timer.phase("forward"):
+            clock.advance(0.2 if step == 0 else 0.01)  # the warm-up step is slow
+        with timer.phase("backward"):
+            clock.advance(0.03)
+        clock.advance(0.5)  # outside every phase: counts in the wall time only
         timer.end_step(batch_size=2)
     t = timer.end_epoch()
     assert (t.steps, t.steady_steps, t.samples) == (3, 2, 6)
-    assert 0.02 <= t.phases["forward"] < 0.15  # two steady steps of 10 ms, not the 200 ms warm-up
-    assert t.wall >= 0.2 + 0.01 + 4 * 0.01  # the epoch's wall time counts every step
-    assert t.step_mean == pytest.approx(sum(t.phases.values()) / 2)
+    assert t.phases["forward"] == pytest.approx(0.02)  # two steady steps of 10 ms, not the 200 ms warm-up
+    assert t.phases["backward"] == pytest.approx(0.06) and t.phases["data"] == pytest.approx(0.008)
+    assert t.wall == pytest.approx(0.004 * 3 + 0.2 + 0.01 * 2 + 0.03 * 3 + 0.5 * 3)
+    assert t.step_mean == pytest.approx((0.02 + 0.06 + 0.008) / 2)
     s = t.scalars()
+    assert s["time/data_share"] == pytest.approx(0.008 / 0.088)
     assert s["time/data_share"] + s["time/compute_share"] == pytest.approx(1.0)
-    assert s["memory/cpu_max_rss_mib"] > 0
+    assert s["time/forward"] == pytest.approx(0.02) and s["memory/cpu_max_rss_mib"] > 0
 
 
 def test_sweep_logs_become_the_table(tmp_path, data_dir):

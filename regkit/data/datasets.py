@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from regkit.data.io import VOLUME_SUFFIXES
+from regkit.data.keypoints import KeypointPairDataset, companion_path
 from regkit.data.module import PairData
 from regkit.data.pairs import Pair
 from regkit.errors import InputError, MissingFileError, check_choice
@@ -125,7 +126,10 @@ class Learn2RegData(PairData):
     The JSON lists images (``training``: ``{"image", "label"?}`` entries, paths relative to the
     JSON's folder), optional training pairs (``training_paired_images``: ``{"fixed", "moving"}``)
     and the evaluation pairs (``registration_val``, ``registration_test``). Label maps are
-    looked up from the image entries.
+    looked up from the image entries, and so are keypoint CSVs (``"keypoints"``; else the
+    challenge's ``keypointsTr/<image>.csv`` beside ``imagesTr`` when it exists): pairs with
+    keypoints get ``fixed_keypoints``, ``moving_keypoints``, ``keypoints_mask`` and
+    ``moving_spacing`` in their batch items (:class:`~regkit.data.keypoints.KeypointPairDataset`).
 
     Args:
         json: path of the dataset JSON.
@@ -135,16 +139,20 @@ class Learn2RegData(PairData):
             ``random``). Images that appear in the validation pairs are left out of unpaired
             training, so validation measures unseen subjects.
         pairs_per_image: partners per image for ``random``.
+        keypoints: add the pairs' keypoints to the batch (for TRE and the ``keypoints`` loss).
         **kwargs: :class:`PairData` options.
     """
 
-    def __init__(self, json, train_pairing: str = "auto", pairs_per_image: int = 4, **kwargs) -> None:
+    def __init__(self, json, train_pairing: str = "auto", pairs_per_image: int = 4, keypoints: bool = True,
+                 **kwargs) -> None:
         check_choice("train_pairing", train_pairing, TRAIN_PAIRINGS)
         if pairs_per_image < 1:
             raise InputError(f"pairs_per_image must be >= 1, got {pairs_per_image}")
         super().__init__(train=None, **kwargs)
         self.json_path = Path(json).expanduser()
         self.train_pairing, self.pairs_per_image = train_pairing, int(pairs_per_image)
+        self.keypoints = bool(keypoints)
+        self.keypoint_files: Dict[tuple, tuple] = {}  # (moving, fixed) image -> (fixed CSV, moving CSV)
 
     def _read(self) -> dict:
         if not self.json_path.exists():
@@ -166,10 +174,19 @@ class Learn2RegData(PairData):
             return p if p.is_absolute() else base / p
 
         labels: Dict[str, Optional[str]] = {}
+        keypoints: Dict[str, str] = {}
         for key in ("training", "test"):
             for entry in data.get(key) or []:
                 if isinstance(entry, dict) and "image" in entry:
                     labels[entry["image"]] = entry.get("label")
+                    if entry.get("keypoints"):
+                        keypoints[entry["image"]] = entry["keypoints"]
+
+        def keypoint_file(image: str) -> Optional[Path]:
+            if image in keypoints:
+                return path(keypoints[image])
+            derived = path(companion_path(image, "keypoints"))
+            return derived if image.endswith(".nii.gz") and derived.is_file() else None
 
         def pair(entry, key: str, k: int) -> Pair:
             if not isinstance(entry, dict) or "moving" not in entry or "fixed" not in entry:
@@ -177,6 +194,11 @@ class Learn2RegData(PairData):
             m, f = entry["moving"], entry["fixed"]
             ml, fl = labels.get(m), labels.get(f)
             has = ml is not None and fl is not None
+            # listed pairs only: keypoint files correspond within a listed pair, not across the
+            # subjects that unpaired training combines
+            listed = key != "training"
+            if self.keypoints and listed and keypoint_file(m) is not None and keypoint_file(f) is not None:
+                self.keypoint_files[(path(m), path(f))] = (keypoint_file(f), keypoint_file(m))
             return Pair(path(m), path(f), path(ml) if has else None, path(fl) if has else None,
                         id=f"{_stem(Path(m))}->{_stem(Path(f))}")
 
@@ -206,3 +228,17 @@ class Learn2RegData(PairData):
                     combos += [(im, o) for o in rng.sample(others, min(self.pairs_per_image, len(others)))]
             train = [pair({"moving": m, "fixed": f}, "training", k) for k, (m, f) in enumerate(combos)]
         self.sources = {"train": train, "val": val or None, "test": test or None}
+
+    def setup(self) -> "Learn2RegData":
+        if self._is_setup:
+            return self
+        super().setup()
+        try:
+            for split, ds in self.datasets.items():  # keypoints ride along with the pairs that have them
+                files = [self.keypoint_files.get((p.moving, p.fixed)) for p in ds.pairs]
+                if any(f is not None for f in files):
+                    self.datasets[split] = KeypointPairDataset(ds, files)
+        except BaseException:
+            self._is_setup = False  # a second setup() reports the same problem instead of skipping it
+            raise
+        return self

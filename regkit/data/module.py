@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+import nibabel
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from regkit.data.io import load_volume
 from regkit.data.pairs import NORMALIZATIONS, EpochSampler, Pair, PairDataset, read_pairs_csv
-from regkit.distributed import train_sampler
+from regkit import distributed
 from regkit.errors import InputError, MissingFileError, check_choice
 from regkit.metrics import resolve_groups, resolve_labels
 
@@ -54,6 +57,8 @@ class PairData:
         seed: shuffling seed (combined with the epoch).
         root: folder that relative paths in the CSVs are relative to (default: each CSV's own
             folder).
+        transform: ``transform(item, generator) -> item`` applied to each training sample (e.g.
+            augmentation), with the sample's own generator (:class:`~regkit.data.pairs.PairDataset`).
     """
 
     def __init__(self, train: PairSource, val: PairSource = None, test: PairSource = None,
@@ -61,7 +66,8 @@ class PairData:
                  cache: bool = False, eval_labels: Union[None, str, Sequence[int]] = None,
                  label_groups: Union[None, str, Mapping[str, Sequence[int]]] = None,
                  shape: Optional[Sequence[int]] = None, resize: Optional[Sequence[int]] = None,
-                 affine_check: str = "error", validate: str = "full", seed: int = 0, root=None) -> None:
+                 affine_check: str = "error", validate: str = "full", seed: int = 0, root=None,
+                 transform: Optional[Callable] = None) -> None:
         check_choice("validate", validate, VALIDATE_LEVELS)
         check_choice("affine_check", affine_check, AFFINE_CHECKS)
         if batch_size < 1:
@@ -78,10 +84,12 @@ class PairData:
         self.resize = tuple(int(s) for s in resize) if resize is not None else None
         self.affine_check = affine_check
         self.seed = int(seed)
+        self.transform = transform
         self._eval_labels = list(resolve_labels(eval_labels)) if eval_labels is not None else None
         self.label_groups = resolve_groups(label_groups)
         self.pairs: dict = {}
         self.datasets: dict = {}
+        self._loaders: Dict[str, Optional[DataLoader]] = {}
         self._is_setup = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -100,7 +108,8 @@ class PairData:
         if self.validate_level != "none":
             self.check_files()
         for split, pairs in self.pairs.items():
-            self.datasets[split] = PairDataset(pairs, normalize=self.normalize, cache=self.cache, resize=self.resize)
+            self.datasets[split] = PairDataset(pairs, normalize=self.normalize, cache=self.cache, resize=self.resize,
+                                               transform=self.transform if split == "train" else None, seed=self.seed)
         self._is_setup = True
         return self
 
@@ -161,22 +170,50 @@ class PairData:
                 self._shape_seen = tuple(self.datasets["train"][0]["moving"].shape[1:])
             shape = self._shape_seen
         return {"normalize": self.normalize, "shape": list(shape), "resize": list(self.resize) if self.resize else None,
-                "eval_labels": self._eval_labels, "label_groups": {k: list(v) for k, v in (self.label_groups or {}).items()}}
+                "eval_labels": self._eval_labels, "label_groups": {k: list(v) for k, v in (self.label_groups or {}).items()},
+                "intensity": self.intensity_range()}
+
+    def intensity_range(self, max_items: int = 4) -> List[float]:
+        """``[low, high]``: the 0.5th and 99.5th percentiles of the first training images after
+        normalisation (what the network saw). A checkpoint keeps it, so that registration can tell
+        scans in another range (e.g. uint8 0-255 for a network trained on [0, 1]) from good ones."""
+        if getattr(self, "_intensity", None) is None:
+            ds = self.setup().datasets["train"]
+            values = []
+            for k in range(min(max_items, len(ds))):
+                item = ds.load(k) if hasattr(ds, "load") else ds[k]
+                values += [item["moving"].flatten(), item["fixed"].flatten()]
+            q = torch.quantile(torch.cat(values)[:: max(1, sum(v.numel() for v in values) // 2 ** 22)].double(),
+                               torch.tensor([0.005, 0.995], dtype=torch.float64))
+            self._intensity = [float(q[0]), float(q[1])]
+        return list(self._intensity)
 
     # -- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with ``seed + epoch``. Under torchrun each rank gets its shard of the same
-        permutation (:func:`regkit.distributed.train_sampler`) and ``batch_size`` is per process."""
-        ds = self.setup().datasets["train"]
-        sampler = train_sampler(len(ds), self.seed) or EpochSampler(len(ds), True, self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=len(sampler) >= self.batch_size, persistent_workers=self.num_workers > 0)
+        """The training loader, built once (its workers persist across epochs): an
+        :class:`~regkit.data.pairs.EpochSampler` shuffled with ``seed + epoch`` (the trainer
+        sets the epoch); under torchrun each rank gets its shard of the same permutation
+        (:func:`train_sampler`) and ``batch_size`` is per process.
+
+        The loader has its own generator, so that starting its workers draws nothing from the
+        global torch RNG (a resumed run would otherwise draw at another point and diverge).
+        """
+        if self._loaders.get("train") is None:
+            ds = self.setup().datasets["train"]
+            sampler = train_sampler(len(ds), self.seed) or EpochSampler(len(ds), True, self.seed)
+            self._loaders["train"] = DataLoader(
+                ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                drop_last=len(sampler) >= self.batch_size, persistent_workers=self.num_workers > 0,
+                generator=torch.Generator().manual_seed(self.seed), worker_init_fn=seed_worker)
+        return self._loaders["train"]
 
     def _eval_loader(self, split: str) -> Optional[DataLoader]:
-        ds = self.setup().datasets.get(split)
-        if ds is None or len(ds) == 0:
-            return None
-        return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers)
+        if split not in self._loaders:
+            ds = self.setup().datasets.get(split)
+            self._loaders[split] = None if ds is None or len(ds) == 0 else DataLoader(
+                ds, batch_size=1, shuffle=False, num_workers=self.num_workers,
+                generator=torch.Generator().manual_seed(self.seed), worker_init_fn=seed_worker)
+        return self._loaders[split]
 
     def val_dataloader(self) -> Optional[DataLoader]:
         return self._eval_loader("val")
@@ -204,12 +241,38 @@ class PairData:
 
 
 
+def train_sampler(dataset_len: int, seed: int):
+    """regkit's :class:`~regkit.data.pairs.EpochSampler` for this rank, or ``None`` for a single
+    process.
+
+    Shuffles ``range(n)`` with ``seed + epoch`` (the trainer calls ``set_epoch``), the same
+    permutation a single process uses, drops its tail so that every rank gets ``n // W``
+    samples, and gives rank ``r`` the elements ``r, r + W, ...`` (torch's ``DistributedSampler``
+    sharding). With a per-rank batch ``b``, global step ``k`` therefore sees permutation entries
+    ``k W b .. (k + 1) W b - 1``: exactly the samples of a single process with batch ``W b``.
+    """
+    if not distributed.is_distributed():
+        return None
+    w = distributed.world_size()
+    if dataset_len < w:
+        raise InputError(f"the training split has {dataset_len} pairs, fewer than the {w} processes; "
+                         f"use fewer processes or more data")
+    return EpochSampler(dataset_len, shuffle=True, seed=seed, num_replicas=w, rank=distributed.rank())
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed NumPy and Python in a loader worker from torch's per-worker seed (torch seeds only
+    itself and ``random``; forked workers would otherwise share one NumPy state). The data
+    pipeline's own randomness comes from per-sample generators, not from these."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _header(path: Path):
     """``(shape, affine)`` from the header only (no voxel data read)."""
     if not Path(path).exists():
         raise MissingFileError(f"{path}: no such file")
-    import nibabel
-
     try:
         img = nibabel.load(str(path))
         shape = img.shape

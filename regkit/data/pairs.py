@@ -8,13 +8,14 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from regkit.data.io import PathLike, load_volume
+from regkit.data.resample import resize_volume, resized_spacing
 from regkit.errors import InputError, MissingFileError, check_choice
 
 NORMALIZATIONS = ("none", "minmax", "percentile", "zscore")
@@ -44,6 +45,8 @@ def read_pairs_csv(path: PathLike, root: Optional[PathLike] = None) -> List[Pair
     p = Path(path)
     if not p.exists():
         raise MissingFileError(f"{p}: pair list not found")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder; expected a pair-list CSV file (columns moving,fixed[,moving_label,fixed_label])")
     with open(p, newline="") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
@@ -113,16 +116,21 @@ class PairDataset(Dataset):
     data loading stays a small share of a step. With ``resize`` every volume is resampled to
     that size (images linearly, label maps by nearest neighbour; see
     :func:`regkit.data.resample.resize_volume`), e.g. to train at half the IXI size.
+
+    ``transform(item, generator) -> item`` (e.g. augmentation) is applied to training samples,
+    whose keys carry the epoch; it must draw its randomness from ``generator`` alone (see
+    :func:`sample_generator`), which ``seed`` seeds together with the epoch and the index.
     """
 
     def __init__(self, pairs: Sequence[Pair], normalize: str = "minmax", cache: bool = False,
-                 resize: Optional[Sequence[int]] = None) -> None:
+                 resize: Optional[Sequence[int]] = None, transform: Optional[Callable] = None, seed: int = 0) -> None:
         check_choice("normalize", normalize, NORMALIZATIONS)
         self.pairs = list(pairs)
         self.normalize = normalize
         self.cache = cache
         self.resize = tuple(int(s) for s in resize) if resize else None
         self._cache: Dict[Path, tuple] = {}
+        self.transform, self.seed = transform, int(seed)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -135,8 +143,6 @@ class PairDataset(Dataset):
         if not label:
             arr = normalize_intensity(arr, self.normalize).astype(np.float32)
         if self.resize is not None and tuple(arr.shape) != self.resize:
-            from regkit.data.resample import resize_volume, resized_spacing
-
             spacing = resized_spacing(spacing, arr.shape, self.resize)
             t = resize_volume(torch.from_numpy(np.ascontiguousarray(arr))[None, None], self.resize,
                               "nearest" if label else "bilinear")
@@ -155,7 +161,18 @@ class PairDataset(Dataset):
     def _label(self, path: Path) -> np.ndarray:
         return self._load(path, True)[0]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: Union[int, SampleKey]) -> dict:
+        """The pair at ``key``: an index, or an ``(epoch, index)`` key from :class:`EpochSampler`,
+        for which ``transform(item, generator)`` (if any) gets that sample's generator
+        (:func:`sample_generator`); evaluation loaders pass plain indices and get no transform."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        item = self.load(index)
+        if self.transform is not None and epoch is not None:
+            item = self.transform(item, sample_generator(self.seed, epoch, index))
+        return item
+
+    def load(self, index: int) -> dict:
+        """The pair at ``index`` as stored (normalised, resized), without any transform."""
         pr = self.pairs[index]
         moving = self._image(pr.moving)
         fixed, spacing = self._load(pr.fixed, False)
@@ -174,20 +191,61 @@ class PairDataset(Dataset):
         return item
 
 
-class EpochSampler(Sampler):
-    """Shuffles with ``seed + epoch`` so that an epoch's order is the same after a resume."""
+SampleKey = Tuple[int, int]  # (epoch, index): what the training sampler yields
 
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one training sample: a CPU generator seeded from ``(seed, epoch,
+    index)`` through NumPy's ``SeedSequence`` (well-mixed, so nearby keys give unrelated streams).
+
+    Randomness in the data pipeline (augmentation, synthesis) draws from it, never from a global
+    RNG: then a sample's randomness does not depend on which worker loads it, on how many samples
+    that worker loaded before, or on a resume in between, so training resumes exactly.
+    """
+    state = np.random.SeedSequence([int(seed) % 2 ** 63, int(epoch), int(index)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+class EpochSampler(Sampler):
+    """The training order: a permutation of ``range(n)`` drawn with ``seed + epoch``, so that an
+    epoch's order is the same after a resume, yielding ``(epoch, index)`` keys
+    (:class:`PairDataset` derives each sample's random stream from them).
+
+    With ``num_replicas = W > 1`` (torchrun) the permutation's tail is dropped so that every
+    rank gets ``n // W`` samples, and rank ``r`` gets the entries ``r, r + W, ...``: the same
+    sharding as torch's ``DistributedSampler``, so global step k holds the single process's
+    batch k. :meth:`set_start` skips the first samples of the next epoch (resuming inside it).
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise InputError(f"sampler: rank {rank} of {num_replicas} replicas")
+        self.n, self.shuffle, self.seed = int(n), bool(shuffle), int(seed)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` samples of this rank's share of the current epoch."""
+        if start < 0:
+            raise InputError(f"sampler start must be >= 0, got {start}")
+        self.start = int(start)
+
+    def order(self) -> List[int]:
+        """This rank's indices for the current epoch, before :meth:`set_start` skips any."""
+        if self.shuffle:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            perm = list(range(self.n))
+        if self.num_replicas > 1:
+            perm = perm[: (self.n // self.num_replicas) * self.num_replicas][self.rank::self.num_replicas]
+        return perm
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        keys = [(self.epoch, i) for i in self.order()[self.start:]]
+        return iter(keys)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.num_replicas if self.num_replicas > 1 else self.n

@@ -11,26 +11,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from regkit.errors import InputError, check_choice
+from regkit.errors import InputError
+from regkit.spatial import identity_grid, sample_at
 
 MODES = ("bilinear", "nearest")
-
-
-def _sample(image: Tensor, coords: Tensor, mode: str, padding_mode: str) -> Tensor:
-    """Sample ``image`` ``(B, C, *in)`` at voxel coordinates ``coords`` ``(ndim, *out)``."""
-    check_choice("resampling mode", mode, MODES)
-    ndim = coords.shape[0]
-    in_shape = image.shape[2:]
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in in_shape], dtype=coords.dtype, device=coords.device)
-    grid = coords * scale.view(ndim, *([1] * ndim)) - 1.0
-    grid = grid.permute(*range(1, ndim + 1), 0).flip(-1)[None].expand(image.shape[0], *([-1] * (ndim + 1)))
-    out_dtype = image.dtype
-    src = image.to(coords.dtype)
-    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    return out.round().to(out_dtype) if not out_dtype.is_floating_point else out.to(out_dtype)
 
 
 def resize_volume(image: Tensor, size: Sequence[int], mode: str = "bilinear") -> Tensor:
@@ -43,7 +29,7 @@ def resize_volume(image: Tensor, size: Sequence[int], mode: str = "bilinear") ->
         raise InputError(f"resize: size {size} does not match the {image.dim() - 2} spatial dims of {tuple(image.shape)}")
     axes = [torch.linspace(0, n_in - 1, n_out, dtype=torch.float64) for n_in, n_out in zip(image.shape[2:], size)]
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).to(image.device)
-    return _sample(image, coords, mode, "border")
+    return sample_at(image, coords[None], mode, "border")
 
 
 def resized_spacing(spacing: Sequence[float], old: Sequence[int], new: Sequence[int]) -> tuple:
@@ -51,14 +37,22 @@ def resized_spacing(spacing: Sequence[float], old: Sequence[int], new: Sequence[
     return tuple(float(s) * (o - 1) / max(n - 1, 1) for s, o, n in zip(spacing, old, new))
 
 
+def transform_points(matrix: np.ndarray, points: Tensor) -> Tensor:
+    """Apply a homogeneous ``(ndim + 1) × (ndim + 1)`` matrix to voxel positions ``(B, ndim, *shape)``
+    (channel k = coordinate along axis k); float64 in, float64 out."""
+    ndim = points.shape[1]
+    m = torch.as_tensor(np.asarray(matrix, np.float64), dtype=points.dtype, device=points.device)
+    if m.shape != (ndim + 1, ndim + 1):
+        raise InputError(f"matrix must be {ndim + 1}x{ndim + 1} for {ndim}-D points, got {tuple(m.shape)}")
+    flat = points.reshape(points.shape[0], ndim, -1)
+    out = torch.einsum("ij,bjn->bin", m[:ndim, :ndim], flat) + m[:ndim, ndim].view(1, ndim, 1)
+    return out.reshape(points.shape)
+
+
 def resample_to_grid(image: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int],
                      mode: str = "bilinear") -> Tensor:
     """Resample ``image`` ``(B, C, *src_shape)`` with voxel-to-world ``src_affine`` onto the grid
     ``dst_shape`` with ``dst_affine`` (4×4, world mm). Outside the source: zeros."""
     vox = np.linalg.inv(np.asarray(src_affine, np.float64)) @ np.asarray(dst_affine, np.float64)
-    ndim = len(dst_shape)
-    axes = [torch.arange(n, dtype=torch.float64) for n in dst_shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(ndim, -1)
-    m = torch.from_numpy(vox)
-    coords = (m[:ndim, :ndim] @ grid + m[:ndim, ndim:]).reshape(ndim, *dst_shape).to(image.device)
-    return _sample(image, coords, mode, "zeros")
+    grid = identity_grid(dst_shape, image.device, torch.float64)
+    return sample_at(image, transform_points(vox, grid), mode, "zeros")

@@ -20,7 +20,7 @@ from regkit import distributed
 from regkit.distill.losses import discrimination_terms
 from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
-from regkit.training.checkpoint import load_model
+from regkit.checkpoint import load_model
 from regkit.training.trainer import Trainer
 
 log = logging.getLogger("regkit")

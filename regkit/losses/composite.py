@@ -18,6 +18,8 @@ from regkit.metrics import one_hot
 from regkit.models.base import RegistrationOutput
 from regkit.spatial import warp
 
+INPUT_KINDS = ("images", "flow", "labels", "keypoints")
+
 
 @dataclass
 class LossOutput:
@@ -55,7 +57,9 @@ class CompositeLoss(nn.Module):
     ``stage_fields``), or ``output.flow`` (the composed displacement) when the term sets
     ``uses_displacement = True`` (``folding``); label terms get the one-hot moving
     labels warped linearly by ``output.flow`` and the one-hot fixed labels, for the label
-    values in the term's ``labels`` attribute.
+    values in the term's ``labels`` attribute; keypoint terms (``keypoints``) get ``output.flow``
+    and the batch's ``fixed_keypoints``, ``moving_keypoints``, ``keypoints_mask`` and
+    ``moving_spacing`` (mm; else ``spacing``), see :class:`regkit.data.keypoints.KeypointPairDataset`.
     """
 
     def __init__(self, terms: Mapping[str, Mapping[str, Any]]) -> None:
@@ -77,7 +81,7 @@ class CompositeLoss(nn.Module):
             if spec and isinstance(module, nn.Module):
                 raise InputError(f"loss term '{key}': unexpected options {sorted(spec)} next to a built loss")
             self.terms[key] = LOSSES.create(module or key, **spec) if spec else _build_term(key, module)
-            if getattr(self.terms[key], "inputs", None) not in ("images", "flow", "labels"):
+            if getattr(self.terms[key], "inputs", None) not in INPUT_KINDS:
                 raise InputError(f"loss term '{key}': {type(self.terms[key]).__name__} has no valid 'inputs' kind")
             self.weights[key] = weight
         if "total" in self.terms:
@@ -107,6 +111,14 @@ class CompositeLoss(nn.Module):
             if output.stage_fields:  # a cascade: smoothness per stage, summed
                 return torch.stack([term(f) for f in output.stage_fields]).sum()
             return term(output.field)
+        if term.inputs == "keypoints":
+            for need in ("fixed_keypoints", "moving_keypoints"):
+                if batch.get(need) is None:
+                    raise InputError(f"loss term '{key}' needs keypoints, but the batch has no '{need}' "
+                                     f"(a Learn2Reg dataset JSON that lists keypoint files)")
+            spacing = batch.get("moving_spacing", batch.get("spacing"))
+            return term(output.flow, batch["fixed_keypoints"], batch["moving_keypoints"], batch.get("keypoints_mask"),
+                        spacing)
         for need in ("moving_label", "fixed_label"):
             if batch.get(need) is None:
                 raise InputError(f"loss term '{key}' needs label maps, but the batch has no '{need}'")

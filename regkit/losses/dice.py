@@ -6,23 +6,27 @@ one-hot maps are built from the batch's ``moving_label`` / ``fixed_label`` for t
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence, Union
 
 from torch import Tensor, nn
 
 from regkit.errors import InputError
 from regkit.losses.lncc import check_image_pair, computes_in_float32
 from regkit.losses.registry import LOSSES
-
-# The 30 FreeSurfer structures evaluated on IXI (TransMorph's protocol). The synthetic dataset's
-# 20 labels are among them, so the default works there too; other datasets need their own list.
-IXI_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43, 46, 47, 49, 50,
-              51, 52, 53, 54, 60, 63)
+from regkit.metrics import LABEL_SETS, resolve_labels
 
 
-def check_labels(labels: Optional[Sequence[int]], name: str) -> tuple:
-    if labels is None or isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
-        raise InputError(f"{name}: labels must be a non-empty list of label values, got {labels!r}")
+def check_labels(labels: Union[None, str, Sequence[int]], name: str) -> tuple:
+    """A label-set name of :data:`regkit.metrics.LABEL_SETS` (``"ixi"``) or a non-empty list of
+    distinct integer label values -> tuple of ints."""
+    if isinstance(labels, str):
+        try:
+            return resolve_labels(labels)
+        except InputError as err:
+            raise InputError(f"{name}: {err}") from None
+    if labels is None or isinstance(labels, bytes) or not hasattr(labels, "__iter__"):
+        raise InputError(f"{name}: labels must be a non-empty list of label values or the name of a label set "
+                         f"({', '.join(LABEL_SETS)}), got {labels!r}")
     labels = tuple(labels)
     if not labels or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
         raise InputError(f"{name}: labels must be a non-empty list of integer label values, got {list(labels)!r}")
@@ -31,6 +35,7 @@ def check_labels(labels: Optional[Sequence[int]], name: str) -> tuple:
     return labels
 
 
+@LOSSES.register(name="dice")
 class Dice(nn.Module):
     """``1 - mean soft Dice`` over the label channels present.
 
@@ -42,13 +47,15 @@ class Dice(nn.Module):
 
     Args:
         labels: the label values (e.g. FreeSurfer IDs) whose one-hot channels the term receives,
-            in channel order. Default: the 30 structures of the IXI evaluation
-            (:data:`IXI_LABELS`). Background (0) is normally left out.
+            in channel order, or the name of a label set of :data:`regkit.metrics.LABEL_SETS`.
+            Default ``"ixi"``: the 30 structures of the IXI evaluation
+            (:data:`regkit.metrics.IXI_LABELS`; the synthetic dataset's 20 labels are among
+            them). Background (0) is normally left out.
     """
 
     inputs = "labels"
 
-    def __init__(self, labels: Sequence[int] = IXI_LABELS) -> None:
+    def __init__(self, labels: Union[str, Sequence[int]] = "ixi") -> None:
         super().__init__()
         self.labels = check_labels(labels, "Dice")
 
@@ -71,8 +78,3 @@ class Dice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"labels={list(self.labels)}"
-
-
-@LOSSES.register
-def dice(labels: Sequence[int] = IXI_LABELS) -> Dice:
-    return Dice(labels=labels)

@@ -145,6 +145,7 @@ class _LNCCBase(nn.Module):
         raise NotImplementedError
 
 
+@LOSSES.register(name="lncc")
 class LNCC(_LNCCBase):
     """LNCC with five sequential box convolutions (the VoxelMorph/TransMorph reference)."""
 
@@ -155,6 +156,7 @@ class LNCC(_LNCCBase):
         return cc_from_sums(*sums, n=self.window ** ndim, eps=self.eps)
 
 
+@LOSSES.register(name="lncc_group")
 class LNCCGroup(_LNCCBase):
     """LNCC with one grouped convolution over ``cat(I, J, I², J², IJ)`` (FastLNCC Alg. 2)."""
 
@@ -373,6 +375,7 @@ class _FastLNCCFunction(torch.autograd.Function):
         return grads[0], grads[1], None, None, None, None
 
 
+@LOSSES.register(name="lncc_fast")
 class LNCCFast(_LNCCBase):
     """LNCC by separable doubling box filters with an analytic backward (regkit's fast exact
     method; see :class:`_FastLNCCFunction`).
@@ -384,18 +387,3 @@ class LNCCFast(_LNCCBase):
     def compute(self, i: Tensor, j: Tensor, ndim: int, shift: Optional[Sequence[Tensor]] = None) -> Tensor:
         c_i, c_j = (None, None) if shift is None else shift
         return _FastLNCCFunction.apply(i, j, self.window, self.eps, c_i, c_j)
-
-
-@LOSSES.register
-def lncc(window: int = 9, eps: float = 1e-5) -> LNCC:
-    return LNCC(window=window, eps=eps)
-
-
-@LOSSES.register
-def lncc_group(window: int = 9, eps: float = 1e-5) -> LNCCGroup:
-    return LNCCGroup(window=window, eps=eps)
-
-
-@LOSSES.register
-def lncc_fast(window: int = 9, eps: float = 1e-5) -> LNCCFast:
-    return LNCCFast(window=window, eps=eps)

@@ -32,6 +32,7 @@ def forward_differences(flow: Tensor):
             for d in range(ndim)]
 
 
+@LOSSES.register(name="grad")
 class Grad(nn.Module):
     """Diffusion regulariser: mean over axes of the mean squared (l2) or absolute (l1)
     forward difference, as ``Grad3d`` in VoxelMorph/TransMorph."""
@@ -54,6 +55,7 @@ class Grad(nn.Module):
         return f"penalty={self.penalty!r}"
 
 
+@LOSSES.register(name="bending")
 class BendingEnergy(nn.Module):
     """Bending energy (thin-plate penalty) of a field ``u`` ``(B, ndim, *spatial)`` in voxels:
 
@@ -91,6 +93,7 @@ class BendingEnergy(nn.Module):
         return total
 
 
+@LOSSES.register(name="folding")
 class Folding(nn.Module):
     """Folding penalty on the displacement ``u`` ``(B, ndim, *spatial)`` in voxels:
 
@@ -122,18 +125,3 @@ class Folding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin:g}"
-
-
-@LOSSES.register
-def grad(penalty: str = "l2") -> Grad:
-    return Grad(penalty=penalty)
-
-
-@LOSSES.register
-def bending() -> BendingEnergy:
-    return BendingEnergy()
-
-
-@LOSSES.register
-def folding(margin: float = 0.0) -> Folding:
-    return Folding(margin=margin)

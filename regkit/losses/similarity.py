@@ -6,6 +6,7 @@ returns a scalar, lower is better. LNCC, the local windowed correlation, is in `
 from __future__ import annotations
 
 import torch
+from monai.losses import GlobalMutualInformationLoss
 from torch import Tensor, nn
 
 from regkit.errors import InputError
@@ -13,6 +14,7 @@ from regkit.losses.lncc import check_image_pair, computes_in_float32
 from regkit.losses.registry import LOSSES
 
 
+@LOSSES.register(name="ncc")
 class NCC(nn.Module):
     """Global normalised cross-correlation loss: ``1 - mean over (b, c) of rho(I_bc, J_bc)``.
 
@@ -47,6 +49,7 @@ class NCC(nn.Module):
         return f"eps={self.eps:g}"
 
 
+@LOSSES.register(name="mse")
 class MSE(nn.Module):
     """Mean squared intensity difference ``mean((warped - fixed)²)`` over every voxel, channel
     and batch item, in intensity units squared (VoxelMorph's MSE similarity)."""
@@ -59,6 +62,7 @@ class MSE(nn.Module):
         return (warped - fixed).pow(2).mean()
 
 
+@LOSSES.register(name="mi")
 class MutualInformation(nn.Module):
     """Negative global mutual information (nats) by Parzen windowing: MONAI's
     ``GlobalMutualInformationLoss`` (a Gaussian kernel on ``num_bins`` bin centres evenly spaced
@@ -75,8 +79,6 @@ class MutualInformation(nn.Module):
 
     def __init__(self, num_bins: int = 23, sigma_ratio: float = 0.5, tol: float = 1e-3) -> None:
         super().__init__()
-        from monai.losses import GlobalMutualInformationLoss
-
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise InputError(f"MutualInformation: num_bins must be an integer >= 2, got {num_bins!r}")
         if not sigma_ratio > 0:
@@ -98,18 +100,3 @@ class MutualInformation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, sigma_ratio={self.sigma_ratio:g}"
-
-
-@LOSSES.register
-def ncc(eps: float = 1e-12) -> NCC:
-    return NCC(eps=eps)
-
-
-@LOSSES.register
-def mse() -> MSE:
-    return MSE()
-
-
-@LOSSES.register
-def mi(num_bins: int = 23, sigma_ratio: float = 0.5, tol: float = 1e-3) -> MutualInformation:
-    return MutualInformation(num_bins=num_bins, sigma_ratio=sigma_ratio, tol=tol)

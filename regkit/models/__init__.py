@@ -1,9 +1,10 @@
-"""Registration networks. Importing this package registers every model."""
+"""Registration networks. Importing this package imports every module in it, so each model file
+registers its variants without being listed anywhere (a model is one file plus one YAML)."""
 from regkit.models.base import RegistrationModel, RegistrationOutput
-from regkit.models.registry import MODELS, create_model, list_models
-from regkit.models import voxelmorph  # noqa: F401  (registers vxm1, vxm2)
-from regkit.models import lkunet  # noqa: F401  (lkunet, lkunet16, lkunet4, lkunet_diff)
-from regkit.models import transmorph  # noqa: F401  (transmorph)
-from regkit.models import student  # noqa: F401  (student)
+from regkit.models.registry import MODELS, ModelInfo, create_model, list_models, model_info
+from regkit.registry import import_submodules
 
-__all__ = ["RegistrationModel", "RegistrationOutput", "MODELS", "create_model", "list_models"]
+import_submodules(__name__, __path__)
+
+__all__ = ["RegistrationModel", "RegistrationOutput", "MODELS", "ModelInfo", "create_model", "list_models",
+           "model_info"]

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from regkit.errors import InputError
 from regkit.models.base import RegistrationModel, conv_nd, conv_transpose_nd, init_flow_head
-from regkit.models.registry import MODELS
+from regkit.models.registry import MODELS, ModelInfo
 
 
 class ConvPReLU(nn.Sequential):
@@ -72,7 +72,8 @@ class UpPReLU(nn.Sequential):
 
 
 class LKUNet(RegistrationModel):
-    """LKU-Net (``start_channels``, ``large_kernel``).
+    """LKU-Net (``start_channels``, ``large_kernel``); each registered variant gives both (an
+    override such as ``large_kernel=7``, the 2-D reference's, wins).
 
     Args:
         start_channels: c, the width of the first level (4, 8 and 16 in the paper).
@@ -85,7 +86,7 @@ class LKUNet(RegistrationModel):
 
     size_multiple = 16
 
-    def __init__(self, start_channels: int = 8, large_kernel: int = 5, **kwargs) -> None:
+    def __init__(self, start_channels: int, large_kernel: int, **kwargs) -> None:
         super().__init__(**kwargs)
         c, k = int(start_channels), int(large_kernel)
         if c < 1:
@@ -135,23 +136,35 @@ class LKUNet(RegistrationModel):
         return sum(p.numel() for p in unused.parameters())
 
 
-# The defining numbers are defaults: an override (e.g. ``large_kernel=7``, as the 2-D reference) wins.
-@MODELS.register
+PAPER = "Jia et al., U-Net vs Transformer, MLMI 2022"
+SOURCE = "github.com/xi-jia/LKU-Net, Models.py"
+UNUSED_CONV = "with the reference's unused output conv"
+
+
+@MODELS.register(defaults=dict(start_channels=8, large_kernel=5),
+                 info=ModelInfo("LKU-Net (8, 5): start channels 8, large kernel 5", PAPER, SOURCE,
+                                params=2_086_342, reference_params=2_087_638, reference_note=UNUSED_CONV))
 def lkunet(**kwargs) -> LKUNet:
-    return LKUNet(**{"start_channels": 8, "large_kernel": 5, **kwargs})
+    return LKUNet(**kwargs)
 
 
-@MODELS.register
+@MODELS.register(defaults=dict(start_channels=16, large_kernel=5),
+                 info=ModelInfo("LKU-Net (16, 5)", PAPER, SOURCE,
+                                params=8_339_702, reference_params=8_342_294, reference_note=UNUSED_CONV))
 def lkunet16(**kwargs) -> LKUNet:
-    return LKUNet(**{"start_channels": 16, "large_kernel": 5, **kwargs})
+    return LKUNet(**kwargs)
 
 
-@MODELS.register
+@MODELS.register(defaults=dict(start_channels=4, large_kernel=5),
+                 info=ModelInfo("LKU-Net (4, 5), the light LKU-Net", PAPER, SOURCE,
+                                params=522_302, reference_params=522_950, reference_note=UNUSED_CONV))
 def lkunet4(**kwargs) -> LKUNet:
-    return LKUNet(**{"start_channels": 4, "large_kernel": 5, **kwargs})
+    return LKUNet(**kwargs)
 
 
-@MODELS.register
+@MODELS.register(defaults=dict(start_channels=8, large_kernel=5, diffeomorphic=True),
+                 info=ModelInfo("LKU-Net-diff (8, 5): `lkunet` integrating a stationary velocity field "
+                                "(7 scaling-and-squaring steps)", PAPER, SOURCE,
+                                params=2_086_342, reference_params=2_087_638, reference_note=UNUSED_CONV))
 def lkunet_diff(**kwargs) -> LKUNet:
-    """LKU-Net-diff (8, 5): the field is a velocity integrated by 7 scaling-and-squaring steps."""
-    return LKUNet(**{"start_channels": 8, "large_kernel": 5, "diffeomorphic": True, **kwargs})
+    return LKUNet(**kwargs)

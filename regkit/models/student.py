@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from regkit.errors import InputError
 from regkit.models.base import RegistrationModel, conv_nd, conv_transpose_nd, init_flow_head
-from regkit.models.registry import MODELS
+from regkit.models.registry import MODELS, ModelInfo
 
 
 class DownReLU(nn.Sequential):
@@ -55,7 +55,7 @@ class UpReLU(nn.Sequential):
 
 
 class Student(RegistrationModel):
-    """LDR-ALDK's light-weight student.
+    """LDR-ALDK's light-weight student (``channels``: given by the registered ``student``).
 
     Args:
         channels: widths of the stride-2 encoder levels (the paper: 16, 32, 64, 128); the
@@ -66,7 +66,7 @@ class Student(RegistrationModel):
     ``2**len(channels)``) to a displacement ``(B, ndim, *spatial)`` in voxels.
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), **kwargs) -> None:
+    def __init__(self, channels: Sequence[int], **kwargs) -> None:
         super().__init__(**kwargs)
         widths = [int(c) for c in channels]
         if len(widths) < 2 or min(widths) < 1:
@@ -94,6 +94,10 @@ class Student(RegistrationModel):
         return self.flow_head(y)
 
 
-@MODELS.register
+@MODELS.register(defaults=dict(channels=(16, 32, 64, 128)),
+                 info=ModelInfo("LDR-ALDK light-weight student (4x4x4 stride-2 convs 16-32-64-128)",
+                                "Tran et al., LDR-ALDK, IEEE TMI 2022", "github.com/aioz-ai/LDR_ALDK (TensorFlow 1)",
+                                params=1_548_528, reference_params=None,
+                                reference_note="none: regkit's build of the paper's description"))
 def student(**kwargs) -> Student:
-    return Student(**{"channels": (16, 32, 64, 128), **kwargs})
+    return Student(**kwargs)

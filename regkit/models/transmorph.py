@@ -7,7 +7,7 @@ Windows", ICCV 2021.
 Source: https://github.com/junyuchen245/TransMorph_Transformer_for_Medical_Image_Registration
 (``TransMorph/models/TransMorph.py`` and ``configs_TransMorph.py``), read for the architecture only.
 
-Layout (IXI configuration, the defaults here):
+Layout (IXI configuration, the registered ``transmorph``'s defaults):
 
 * encoder: 4x4x4 patch embedding (conv, stride 4) to 96 channels + LayerNorm; four Swin stages of
   depths (2, 2, 4, 2) with (4, 4, 8, 8) heads, widths 96, 192, 384, 768, each block window
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from regkit.errors import InputError
 from regkit.models.base import RegistrationModel, init_flow_head
-from regkit.models.registry import MODELS
+from regkit.models.registry import MODELS, ModelInfo
 
 Size3 = Tuple[int, int, int]
 
@@ -286,7 +286,8 @@ class DecoderBlock(nn.Module):
 
 
 class TransMorph(RegistrationModel):
-    """TransMorph (3-D only).
+    """TransMorph (3-D only). The four defining options have no defaults here; the registered
+    ``transmorph`` gives the IXI configuration.
 
     Args:
         embed_dim: channels after patch embedding; stage i has ``embed_dim * 2**i``.
@@ -307,9 +308,8 @@ class TransMorph(RegistrationModel):
     supported_ndims = (3,)
     PATCH = 4  # fixed: the decoder's two conv skips restore exactly x4 resolution
 
-    def __init__(self, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 4, 2),
-                 num_heads: Sequence[int] = (4, 4, 8, 8), window_size: Sequence[int] = (5, 6, 7),
-                 mlp_ratio: float = 4.0, qkv_bias: bool = False,
+    def __init__(self, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
+                 window_size: Sequence[int], mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop_path_rate: float = 0.3, reg_head_chan: int = 16, **kwargs) -> None:
         ndim = kwargs.get("ndim", 3)
         if ndim != 3:
@@ -363,7 +363,10 @@ class TransMorph(RegistrationModel):
         return self.flow_head(y)
 
 
-@MODELS.register
+@MODELS.register(defaults=dict(embed_dim=96, depths=(2, 2, 4, 2), num_heads=(4, 4, 8, 8), window_size=(5, 6, 7)),
+                 info=ModelInfo("TransMorph: 3-D Swin encoder (embed 96, depths 2-2-4-2), conv decoder",
+                                "Chen et al., TransMorph, MedIA 2022",
+                                "TransMorph repository, TransMorph/models/TransMorph.py, configs_TransMorph.py",
+                                params=46_771_251, reference_params=46_771_251))
 def transmorph(**kwargs) -> TransMorph:
-    defining = {"embed_dim": 96, "depths": (2, 2, 4, 2), "num_heads": (4, 4, 8, 8), "window_size": (5, 6, 7)}
-    return TransMorph(**{**defining, **kwargs})  # architecture options may be overridden
+    return TransMorph(**kwargs)

@@ -10,7 +10,7 @@ Layout (c = channels, every conv 3x3(x3) + LeakyReLU(0.2)):
 encoder: len(enc) stride-2 convs. decoder: for each encoder level a conv, x2 nearest upsample and
 concatenation with the matching encoder activation (the last one with the 2-channel input),
 then the remaining decoder convs at full resolution, then a 3x3(x3) flow conv initialised
-N(0, 1e-5). Reference counts (3-D, one channel): 274,387 (vxm1) and 301,411 (vxm2).
+N(0, 1e-5). The variants' widths, reference counts and metadata are on their registrations below.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from regkit.errors import InputError
 from regkit.models.base import RegistrationModel, conv_nd, init_flow_head
-from regkit.models.registry import MODELS
+from regkit.models.registry import MODELS, ModelInfo
 
 
 class ConvAct(nn.Sequential):
@@ -32,7 +32,8 @@ class ConvAct(nn.Sequential):
 
 
 class VoxelMorph(RegistrationModel):
-    """VoxelMorph U-Net with a stride-2 encoder.
+    """VoxelMorph U-Net with a stride-2 encoder. The widths have no defaults here: each
+    registered variant (``vxm1``, ``vxm2``) gives its own.
 
     Args:
         enc_channels: encoder widths, one stride-2 conv each.
@@ -41,8 +42,7 @@ class VoxelMorph(RegistrationModel):
         **kwargs: :class:`RegistrationModel` options (ndim, diffeomorphic, ...).
     """
 
-    def __init__(self, enc_channels: Sequence[int] = (16, 32, 32, 32),
-                 dec_channels: Sequence[int] = (32, 32, 32, 32, 32, 16, 16), **kwargs) -> None:
+    def __init__(self, enc_channels: Sequence[int], dec_channels: Sequence[int], **kwargs) -> None:
         super().__init__(**kwargs)
         enc, dec = [int(c) for c in enc_channels], [int(c) for c in dec_channels]
         if len(dec) < len(enc):
@@ -81,11 +81,19 @@ class VoxelMorph(RegistrationModel):
         return self.flow_head(y)
 
 
-@MODELS.register
+PAPER = "Balakrishnan et al., VoxelMorph, IEEE TMI 2019"
+SOURCE = "TransMorph repository, IXI/Baseline_registration_methods/VoxelMorph/models.py"
+
+
+@MODELS.register(defaults=dict(enc_channels=(8, 32, 32, 32), dec_channels=(32, 32, 32, 32, 32, 8, 8)),
+                 info=ModelInfo("VoxelMorph-1, IXI baseline `VxmDense_1` (stride-2 encoder 8-32-32-32)",
+                                PAPER, SOURCE, params=274_387, reference_params=274_387))
 def vxm1(**kwargs) -> VoxelMorph:
-    return VoxelMorph(enc_channels=(8, 32, 32, 32), dec_channels=(32, 32, 32, 32, 32, 8, 8), **kwargs)
+    return VoxelMorph(**kwargs)
 
 
-@MODELS.register
+@MODELS.register(defaults=dict(enc_channels=(16, 32, 32, 32), dec_channels=(32, 32, 32, 32, 32, 16, 16)),
+                 info=ModelInfo("VoxelMorph-2, IXI baseline `VxmDense_2` (stride-2 encoder 16-32-32-32)",
+                                PAPER, SOURCE, params=301_411, reference_params=301_411))
 def vxm2(**kwargs) -> VoxelMorph:
-    return VoxelMorph(enc_channels=(16, 32, 32, 32), dec_channels=(32, 32, 32, 32, 32, 16, 16), **kwargs)
+    return VoxelMorph(**kwargs)

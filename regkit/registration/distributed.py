@@ -56,10 +56,10 @@ from regkit.data.io import PathLike, load_volume
 from regkit.device import resolve_device
 from regkit.distributed import cleanup, setup
 from regkit.errors import InputError, MissingFileError, RegkitError, check_choice
-from regkit.registration.pipeline import NORMALIZE, Pipeline, apply_matrix, fixed_grid, load_preset, sample_at, \
-    voxel_map, whole_flow
+from regkit.data.resample import transform_points
+from regkit.registration.pipeline import NORMALIZE, Pipeline, fixed_grid, load_preset, voxel_map, whole_flow
 from regkit.registration.slabs import Comm, RowSource, SlabResult, padded_rows, split_rows, whole_rows
-from regkit.spatial import jacobian_determinant
+from regkit.spatial import jacobian_determinant, sample_at
 
 OUTPUTS = ("warped", "flow_voxel", "flow_mm", "jacdet", "inverse_flow_voxel")
 SUFFIXES = (".nii.gz", ".nii")
@@ -116,7 +116,7 @@ class FileRows(RowSource):
 
 def sample_file(volume: VolumeFile, pos: Tensor) -> Tensor:
     """The volume (float32, linear, zeros outside) at voxel positions ``pos`` ``(1, 3, *out)``
-    (float64), as :func:`regkit.registration.pipeline.sample_at` gives it from the whole volume, bit
+    (float64), as :func:`regkit.spatial.sample_at` gives it from the whole volume, bit
     for bit: only the rows of the file's last axis that the positions reach are read (whole
     planes of the other two), and the sampling kernel sees them as the whole volume
     (:func:`~regkit.registration.slabs.whole_rows`)."""
@@ -140,7 +140,7 @@ class ResampledRows(RowSource):
         self.shape, self.channels, self.dtype = tuple(int(s) for s in shape), 1, torch.float32
 
     def read(self, lo: int, hi: int) -> Tensor:
-        pos = apply_matrix(self.vox, fixed_grid(self.shape, self.device, (lo, hi)))
+        pos = transform_points(self.vox, fixed_grid(self.shape, self.device, (lo, hi)))
         return sample_file(self.volume, pos)
 
 
@@ -492,7 +492,7 @@ def _outputs(comm: Comm, u: Tensor, result: SlabResult, moving: VolumeFile, fixe
     if "warped" in names:
         # warped = moving(inv(A_m) @ A_f @ (x + u(x))): one interpolation of the original scan
         pos = fixed_grid(shape, comm.device, (lo, hi)) + u.double()
-        warped = sample_file(moving, apply_matrix(voxel_map(moving.affine, fixed.affine, None, 3), pos))
+        warped = sample_file(moving, transform_points(voxel_map(moving.affine, fixed.affine, None, 3), pos))
         arrays["warped"] = (warped, None, "warped moving image")
         del pos
     if "flow_voxel" in names:

@@ -25,18 +25,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
 
 from regkit.data.io import PathLike, Volume, atomic_write
 from regkit.device import resolve_device
-from regkit.errors import InputError, MissingFileError, check_choice
+from regkit.errors import InputError, MissingFileError, check_choice, unknown_choice_message
 from regkit.registration.deformable import DeformableRegistration, check_init_flow, check_pair
 from regkit.registration.result import AffineResult, DeformableResult, RegistrationResult, StageRecord
+from regkit.data.resample import transform_points
 from regkit.registration.slabs import rows_grid
-from regkit.spatial import identity_grid
+from regkit.registration.world import voxel_matrix
+from regkit.spatial import identity_grid, sample_at
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "registration"
 NORMALIZE = ("percentile", "minmax", "none")
@@ -59,6 +60,12 @@ def load_preset(name: str, config_dir: Optional[PathLike] = None, **overrides: A
     check_choice("registration preset", name, list_presets(folder))
     cfg = OmegaConf.load(folder / f"{name}.yaml")
     for key, value in overrides.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not OmegaConf.is_dict(node) or leaf not in node:
+            keys = sorted(str(k) for k in node) if OmegaConf.is_dict(node) else []
+            raise InputError(unknown_choice_message(f"setting of preset '{name}'", key,
+                                                    [f"{parent}.{k}" if parent else k for k in keys]))
         OmegaConf.update(cfg, key, value, merge=False)
     obj = instantiate(cfg, _convert_="all")
     if isinstance(obj, Pipeline) and isinstance(obj.affine, str):
@@ -116,36 +123,12 @@ def normalize_intensity(image: Tensor, mode: str, name: str) -> Tensor:
     return ((image - lo) / (hi - lo)).clamp_(max=1.0)
 
 
-def sample_at(image: Tensor, coords: Tensor, mode: str = "bilinear") -> Tensor:
-    """``image`` ``(1, C, *in)`` sampled at voxel coordinates ``coords`` ``(1, ndim, *out)``
-    (linear, ``align_corners=True``, zeros outside). Integer images use nearest and keep their dtype."""
-    ndim = coords.shape[1]
-    if not image.is_floating_point():
-        mode = "nearest"
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in image.shape[2:]], dtype=coords.dtype, device=coords.device)
-    grid = coords * scale.view(1, ndim, *([1] * ndim)) - 1.0
-    grid = grid.permute(0, *range(2, ndim + 2), 1).flip(-1)
-    src = image.to(coords.dtype)
-    out = F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=True)
-    return out.to(image.dtype) if image.is_floating_point() else out.round().to(image.dtype)
-
-
 def voxel_map(moving_affine: Optional[np.ndarray], fixed_affine: Optional[np.ndarray],
               matrix: Optional[np.ndarray], ndim: int) -> np.ndarray:
     """``inv(A_m) @ T @ A_f``: fixed voxel -> moving voxel (identities for missing parts)."""
     eye = np.eye(ndim + 1)
-    a_m = eye if moving_affine is None else moving_affine
-    a_f = eye if fixed_affine is None else fixed_affine
-    t = eye if matrix is None else np.asarray(matrix, np.float64)
-    return np.linalg.inv(a_m) @ t @ a_f
-
-
-def apply_matrix(matrix: np.ndarray, points: Tensor) -> Tensor:
-    """Homogeneous ``(ndim+1)²`` matrix applied to ``(1, ndim, *spatial)`` voxel positions."""
-    ndim = points.shape[1]
-    m = torch.as_tensor(matrix, dtype=points.dtype, device=points.device)
-    flat = points.reshape(ndim, -1)
-    return (m[:ndim, :ndim] @ flat + m[:ndim, ndim:]).reshape(points.shape)
+    return voxel_matrix(eye if matrix is None else matrix, eye if fixed_affine is None else fixed_affine,
+                        eye if moving_affine is None else moving_affine)
 
 
 def whole_flow(deformable: Optional[Tensor], matrix: Optional[np.ndarray], fixed_affine: Optional[np.ndarray],
@@ -159,7 +142,7 @@ def whole_flow(deformable: Optional[Tensor], matrix: Optional[np.ndarray], fixed
     if matrix is not None:
         eye = np.eye(ndim + 1)
         a_f = eye if fixed_affine is None else fixed_affine
-        pos = apply_matrix(np.linalg.inv(a_f) @ np.asarray(matrix, np.float64) @ a_f, pos)
+        pos = transform_points(np.linalg.inv(a_f) @ np.asarray(matrix, np.float64) @ a_f, pos)
     return (pos - x).float()
 
 
@@ -274,7 +257,7 @@ class Pipeline:
                 moving_aff = m_dev
             else:
                 vox = voxel_map(a_m, a_f, matrix, ndim)
-                moving_aff = sample_at(m_dev, apply_matrix(vox, identity_grid(f.shape[2:], device, torch.float64)))
+                moving_aff = sample_at(m_dev, transform_points(vox, identity_grid(f.shape[2:], device, torch.float64)))
             moving_n = normalize_intensity(moving_aff, self.normalize, "moving")
             check_pair(moving_n, fixed_n, stage.name)
             init = None
@@ -291,7 +274,7 @@ class Pipeline:
         flow = whole_flow(d, matrix, a_f, f.shape[2:], device)
         # warped = moving(inv(A_m) @ A_f @ (x + u(x))): one interpolation of the original scan.
         pos = identity_grid(f.shape[2:], device, torch.float64) + flow.double()
-        warped = sample_at(m_dev, apply_matrix(voxel_map(a_m, a_f, None, ndim), pos))
+        warped = sample_at(m_dev, transform_points(voxel_map(a_m, a_f, None, ndim), pos))
         return RegistrationResult(flow=flow, warped=warped, affine=affine_result, deformable=deformable_result,
                                   stages=records, seconds=seconds)
 

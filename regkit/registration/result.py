@@ -1,7 +1,7 @@
 """Typed results of the optimisation engine (one type per stage kind, never a tuple).
 
 Conventions:
-* ``matrix`` (affine stages) is a 4×4 float64 world transform, mm, that maps a point of the
+* ``matrix`` (affine stages) is a 4×4 (3×3 for 2-D images) float64 world transform, mm, that maps a point of the
   FIXED image's world to the point of the MOVING image's world it is compared with:
   ``p_moving = matrix @ p_fixed`` (homogeneous). Sampling the moving scan through its own header
   at ``inv(A_moving) @ matrix @ A_fixed @ x`` for each fixed voxel ``x`` gives the affinely
@@ -42,7 +42,7 @@ class StageRecord:
 class AffineResult:
     """An affine stage's output: the world matrix (see the module docstring) and its records."""
 
-    matrix: np.ndarray             # (4, 4) float64, fixed world -> moving world, mm
+    matrix: np.ndarray             # (4, 4) float64 ((3, 3) in 2-D), fixed world -> moving world, mm
     stages: List[StageRecord] = field(default_factory=list)
 
 

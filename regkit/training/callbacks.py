@@ -13,89 +13,118 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from regkit import distributed
-from regkit.errors import InputError, check_choice
+from regkit.errors import InputError
 from regkit.losses.composite import LossOutput
-from regkit.evaluation import LABEL_MODES, pair_metrics, warp_labels  # noqa: F401 (warp_labels re-exported)
-from regkit.spatial import warp
-from regkit.training.checkpoint import save_checkpoint
-from regkit.training.trainer import Callback, Trainer
+from regkit.evaluation import PairEvaluator
+from regkit.predictor import Predictor, identity_output
+from regkit.spatial import jacobian_determinant, warp
+from regkit.checkpoint import save_checkpoint
+from regkit.data.io import remove_stale_temp_files
+from regkit.training.trainer import Callback, Interrupted, Trainer
 
 log = logging.getLogger("regkit")
 
-def slice_panel(moving: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor, flow: torch.Tensor) -> np.ndarray:
-    """A picture: rows are the three orthogonal mid-slices; columns are moving, fixed, warped,
-    the deformation grid (the flow's effect on a regular grid) and the Jacobian determinant
-    (grey 0.5 = volume kept, white = expansion ×2 or more, black = folding, det J <= 0). 2-D
-    inputs give one row."""
-    from regkit.spatial import jacobian_determinant
+PANEL_COLUMNS = ("moving", "fixed", "warped", "fixed - warped", "deformation grid", "Jacobian determinant")
 
+
+def slice_panel(moving: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor, flow: torch.Tensor,
+                min_cell: int = 128) -> np.ndarray:
+    """A picture of one registered pair, ``(H, W)`` in [0, 1]: rows are the three orthogonal
+    mid-slices (one row in 2-D); the columns (:data:`PANEL_COLUMNS`) are
+
+    1. moving, 2. fixed, 3. warped (all three on one grey scale, the moving and fixed images'
+       joint range, so that brightness compares across columns);
+    4. the difference fixed − warped (grey 0.5 = equal, white = fixed brighter, black = warped
+       brighter; ±the joint range at the ends): what registration leaves unexplained;
+    5. the deformation grid: a regular grid of lines warped by the flow. The lines lie half a
+       grid step away from the shown slices, so a slice never falls on a grid plane (which would
+       draw a blank cell);
+    6. the Jacobian determinant (grey 0.5 = volume kept, white = expansion ×2 or more, black =
+       folding, det J <= 0).
+
+    Small volumes are scaled up (nearest neighbour) so that a cell is at least ``min_cell``
+    pixels high.
+    """
     ndim = flow.shape[1]
     shape = flow.shape[2:]
-    grid = torch.zeros(1, 1, *shape, device=flow.device, dtype=flow.dtype)
     step = max(4, min(shape) // 12)
+    grid = torch.zeros(1, 1, *shape, device=flow.device, dtype=flow.dtype)
     for d in range(ndim):
+        lines = [i for i in range(shape[d]) if (i - shape[d] // 2) % step == step // 2]
         idx = [slice(None)] * (ndim + 2)
-        idx[2 + d] = slice(0, None, step)
+        idx[2 + d] = lines
         grid[tuple(idx)] = 1.0
     grid_w = warp(grid, flow[:1], mode="bilinear")
     jac = (jacobian_determinant(flow[:1].double()).float() / 2).clamp(0, 1)[:, None]
-    vols = [v[0, 0].detach().float().cpu().numpy() for v in (moving, fixed, warped, grid_w, jac)]
-    vols = [np.clip((v - v.min()) / (v.max() - v.min() + 1e-8), 0, 1) if i < 3 else v for i, v in enumerate(vols)]
+    m, f, w = (v[0, 0].detach().float().cpu().numpy() for v in (moving, fixed, warped))
+    lo, hi = min(m.min(), f.min()), max(m.max(), f.max())
+    span = float(hi - lo) or 1.0
+    scaled = [np.clip((v - lo) / span, 0, 1) for v in (m, f, w)]
+    diff = np.clip(0.5 + (f - w) / (2 * span), 0, 1)
+    vols = scaled + [diff] + [v[0, 0].detach().float().cpu().numpy() for v in (grid_w, jac)]
     if ndim == 2:
-        return np.concatenate([v.T[::-1] for v in vols], axis=1)
-    slices = [[np.take(v, v.shape[axis] // 2, axis=axis).T[::-1] for v in vols] for axis in range(3)]
+        rows = [[v.T[::-1] for v in vols]]
+    else:
+        rows = [[np.take(v, v.shape[axis] // 2, axis=axis).T[::-1] for v in vols] for axis in range(3)]
     # one cell size for every slice, images centred in it, so the columns line up across rows
-    h = max(s.shape[0] for row in slices for s in row)
-    w = max(s.shape[1] for row in slices for s in row)
+    h = max(s.shape[0] for row in rows for s in row)
+    wd = max(s.shape[1] for row in rows for s in row)
 
     def cell(s):
-        top, left = (h - s.shape[0]) // 2, (w - s.shape[1]) // 2
-        return np.pad(s, ((top, h - s.shape[0] - top), (left, w - s.shape[1] - left)))
+        top, left = (h - s.shape[0]) // 2, (wd - s.shape[1]) // 2
+        return np.pad(s, ((top, h - s.shape[0] - top), (left, wd - s.shape[1] - left)))
 
-    return np.concatenate([np.concatenate([cell(s) for s in row], axis=1) for row in slices], axis=0)
+    panel = np.concatenate([np.concatenate([cell(s) for s in row], axis=1) for row in rows], axis=0)
+    factor = max(1, -(-min_cell // h))
+    return np.repeat(np.repeat(panel, factor, axis=0), factor, axis=1)
 
 
 class Validation(Callback):
-    """Validation metrics after every ``every_n_epochs`` epochs.
+    """Runs an evaluation function on the validation pairs every ``every_n_epochs`` epochs
+    (detectron2's ``EvalHook(period, function)``): the callback decides when and on which pairs,
+    the :class:`~regkit.evaluation.PairEvaluator` it is handed computes the metrics.
 
-    Logs ``val/dice`` (mean over pairs of the mean over ``eval_labels``), ``val/dice_groups``
-    (mean over the dataset's label groups, e.g. the IXI 17 structures, when it has groups),
-    ``val/nonpos_jac_pct`` (% voxels with det J <= 0) and ``val/sdlogj`` (``jacobian``),
-    ``val/hd95`` in mm (``hd95``), ``val/loss/<term>``, ``time/validation`` and a picture
-    ``val/slices``. Before the first epoch it logs the unregistered Dice (identity transform) as
-    ``val/dice`` at epoch 0 and ``val/dice_before``. Conventions: ``docs/evaluation.md``.
+    Logs the mean over pairs of each metric as ``val/<metric>``: ``val/dice`` (mean over the
+    dataset's ``eval_labels``), ``val/dice_groups`` (over its label groups, e.g. the IXI 17),
+    ``val/nonpos_jac_pct`` (% voxels with det J <= 0), ``val/sdlogj``, ``val/hd95`` (mm),
+    ``val/tre`` (mm, keypoint tasks) and ``val/loss/<term>``; also ``time/validation`` and a picture ``val/slices`` of the first pair
+    (:func:`slice_panel`). Before the first epoch it logs the unregistered Dice (identity
+    transform) as ``val/dice`` at epoch 0 and ``val/dice_before``. Conventions:
+    ``docs/evaluation.md``.
 
     Under torchrun the pairs are split over the ranks (pair k on rank k mod W) and the per-pair
-    values gathered in pair order, so every rank gets the single-process metrics (and can agree
+    rows gathered in pair order, so every rank gets the single-process metrics (and can agree
     on what to do with them) while each evaluates 1/W of the pairs.
 
     Args:
-        label_mode: ``nearest`` (default) or ``linear`` (one-hot) label warping; published Dice
-            moves by ~0.005-0.01 between the two, so the choice is logged with the run
-            (``val/label_mode`` text).
-        max_pairs: validate on at most this many pairs (``None``: all).
-        jacobian: log the folding and SDlogJ metrics (cheap; default on).
-        hd95: log HD95 (default off: exact but costly, seconds per pair at 160×192×224 on a CPU
-            for the 30 IXI labels, see docs/benchmarks.md; turn on for small images or a GPU).
+        evaluator: the evaluation function (default: ``PairEvaluator()``, nearest label warping,
+            Jacobian metrics on, HD95 off); its ``label_mode`` is logged as ``val/label_mode``.
+        before_training: log the unregistered Dice first.
+        log_images: log ``val/slices``.
     """
 
     order = 0
 
-    def __init__(self, every_n_epochs: int = 1, label_mode: str = "nearest", before_training: bool = True,
-                 max_pairs: Optional[int] = None, log_images: bool = True, jacobian: bool = True,
-                 hd95: bool = False) -> None:
-        check_choice("label_mode", label_mode, LABEL_MODES)
-        self.every_n_epochs, self.label_mode = int(every_n_epochs), label_mode
-        self.before_training, self.max_pairs, self.log_images = before_training, max_pairs, log_images
-        self.jacobian, self.hd95 = bool(jacobian), bool(hd95)
+    def __init__(self, evaluator: Optional[PairEvaluator] = None, every_n_epochs: int = 1,
+                 before_training: bool = True, log_images: bool = True) -> None:
+        if int(every_n_epochs) < 1:
+            raise InputError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.evaluator = evaluator or PairEvaluator()
+        self.every_n_epochs = int(every_n_epochs)
+        self.before_training, self.log_images = bool(before_training), bool(log_images)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.logger is not None:
-            trainer.logger.log_text("val/label_mode", self.label_mode)
+            trainer.logger.log_text("val/label_mode", self.evaluator.label_mode)
         if self.before_training and trainer.epoch == 0 and trainer.data.val_dataloader() is not None:
             metrics = self.evaluate(trainer, identity=True)
+            before = {}
             if "val/dice" in metrics:
-                trainer.log({"val/dice": metrics["val/dice"], "val/dice_before": metrics["val/dice"]}, step=0)
+                before.update({"val/dice": metrics["val/dice"], "val/dice_before": metrics["val/dice"]})
+            if "val/tre_before" in metrics:
+                before.update({"val/tre": metrics["val/tre_before"], "val/tre_before": metrics["val/tre_before"]})
+            if before:
+                trainer.log(before, step=0)
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         if trainer.epoch % self.every_n_epochs and trainer.epoch != trainer.max_epochs:
@@ -108,73 +137,51 @@ class Validation(Callback):
         trainer.log(metrics)
 
     def _my_pairs(self, loader: DataLoader):
-        """This rank's pair indices and a batch-1 loader over them."""
-        n = len(loader.dataset) if self.max_pairs is None else min(len(loader.dataset), self.max_pairs)
+        """This rank's ``(index, batch)`` pairs, batch 1."""
+        n = self.evaluator.count(len(loader.dataset))
         mine = list(range(n))[distributed.rank()::distributed.world_size()]
-        return mine, DataLoader(Subset(loader.dataset, mine), batch_size=1, num_workers=loader.num_workers,
-                                collate_fn=loader.collate_fn)
+        subset = DataLoader(Subset(loader.dataset, mine), batch_size=1, num_workers=loader.num_workers,
+                            collate_fn=loader.collate_fn)
+        return zip(mine, subset)
 
-    @torch.no_grad()
     def evaluate(self, trainer: Trainer, identity: bool = False) -> Dict[str, float]:
-        model, labels = trainer.model, trainer.data.eval_labels
-        groups = getattr(trainer.data, "label_groups", None)
-        indices, loader = self._my_pairs(trainer.data.val_dataloader())
-        was_training = model.training
-        model.eval()
-        scores, terms, picture = {}, {}, None  # per pair index
-        try:
-            for k, batch in zip(indices, loader):
-                batch = trainer.to_device(batch)
-                if identity:
-                    flow = torch.zeros(batch["moving"].shape[0], batch["moving"].dim() - 2,
-                                       *batch["moving"].shape[2:], device=trainer.device)
-                    warped = batch["moving"]
-                else:
-                    with trainer.autocast():
-                        out = model(batch["moving"], batch["fixed"])
-                    flow, warped = out.flow, out.warped
-                    losses = trainer.loss_fn(out, batch)
-                    terms[k] = {name: float(v) for name, v in losses.terms.items()}
-                    terms[k]["total"] = float(losses.total)
-                has_labels = bool(labels) and "moving_label" in batch
-                if has_labels or (self.jacobian and not identity):
-                    spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
-                    m = pair_metrics(flow, batch.get("moving_label") if has_labels else None, batch.get("fixed_label"),
-                                     labels, spacing, self.label_mode, self.hd95 and not identity, groups)
-                    keys = {"dice_mean": "val/dice", "dice_groups_mean": "val/dice_groups", "hd95_mean": "val/hd95"}
-                    if self.jacobian and not identity:
-                        keys.update({"nonpos_jac_pct": "val/nonpos_jac_pct", "sdlogj": "val/sdlogj"})
-                    scores[k] = {tag: torch.as_tensor(m[key]).detach().cpu().reshape(-1)
-                                 for key, tag in keys.items() if key in m}
-                if k == 0 and self.log_images and not identity:
-                    picture = slice_panel(batch["moving"], batch["fixed"], warped, flow)
-        finally:
-            model.train(was_training)
-        # Gather every rank's pairs and combine them in pair order: the same numbers as one process.
-        for part_scores, part_terms in distributed.all_gather_objects((scores, terms)):
-            scores.update(part_scores)
-            terms.update(part_terms)
-        metrics = {}
-        for name in (next(iter(terms.values())) if terms else {}):
-            metrics[f"val/loss/{name}"] = float(np.mean([terms[k][name] for k in sorted(terms)]))
-        for tag in sorted({t for per_pair in scores.values() for t in per_pair}):
-            values = [scores[k][tag] for k in sorted(scores) if tag in scores[k]]
-            metrics[tag] = float(torch.cat(values).double().nanmean())
-        if picture is not None and trainer.logger is not None:
-            trainer.logger.log_image("val/slices", picture, trainer.epoch)
+        """``val/*`` metrics of the current model (or of the identity transform)."""
+        data = trainer.data
+        predict = identity_output if identity else Predictor(trainer.model, autocast_dtype=trainer.autocast_dtype)
+        result = self.evaluator(predict, self._my_pairs(data.val_dataloader()), trainer.device, data.eval_labels,
+                                getattr(data, "label_groups", None), None if identity else trainer.loss_fn,
+                                dice_only=identity, keep_example=self.log_images and not identity)
+        rows = {}
+        for part in distributed.all_gather_objects(result.rows):  # every rank's pairs, in pair order
+            rows.update(part)
+        scalars = PairEvaluator.summarize(rows)
+        keys = {"dice": "val/dice", "dice_groups": "val/dice_groups", "hd95": "val/hd95",
+                "nonpos_jac_pct": "val/nonpos_jac_pct", "sdlogj": "val/sdlogj", "tre": "val/tre"}
+        metrics = {tag: scalars[key] for key, tag in keys.items() if key in scalars}
+        if identity and "tre" in scalars:
+            metrics["val/tre_before"] = scalars["tre"]
+        metrics.update({f"val/{k}": v for k, v in scalars.items() if k.startswith("loss/")})
+        if result.example is not None and trainer.logger is not None:
+            batch, out = result.example
+            trainer.logger.log_image("val/slices", slice_panel(batch["moving"], batch["fixed"], out.warped, out.flow),
+                                     trainer.epoch)
         return metrics
 
 
 class Checkpoint(Callback):
-    """Writes ``last.ckpt`` every epoch and ``best.ckpt`` when ``monitor`` improves; on Ctrl-C
-    writes ``interrupted.ckpt``. Every file is written to a temporary file and renamed. Under
+    """Writes ``last.ckpt`` every epoch and ``best.ckpt`` when ``monitor`` improves on its best and
+    on ``baseline`` (the unregistered Dice: a model worse than the identity is never "best"); on Ctrl-C or
+    SIGTERM writes ``interrupted.ckpt`` after the step in progress (with the position inside the
+    epoch, so that resuming from it equals an uninterrupted run). Every file is written to a temporary file and renamed. Under
     torchrun only rank 0 writes (the ranks hold the same weights; DDP keeps them equal)."""
 
     order = 20
     rank_zero_only = True
 
     def __init__(self, dirpath: str, monitor: Optional[str] = "val/dice", mode: str = "max",
-                 save_last: bool = True, every_n_epochs: int = 1) -> None:
+                 save_last: bool = True, every_n_epochs: int = 1, baseline: Optional[str] = "val/dice_before") -> None:
+        self.interrupted_path: Optional[Path] = None
+        self.baseline = baseline
         if mode not in ("max", "min"):
             raise InputError(f"Checkpoint mode must be 'max' or 'min', got {mode!r}")
         self.dirpath, self.monitor, self.mode = Path(dirpath), monitor, mode
@@ -185,9 +192,15 @@ class Checkpoint(Callback):
         self.last_path: Optional[Path] = None
         self._warned = False
 
-    def _improved(self, value: float) -> bool:
+    def on_fit_start(self, trainer: Trainer) -> None:
+        for leftover in remove_stale_temp_files(self.dirpath):  # from a kill during a write
+            log.info("removed %s, left by an interrupted checkpoint write", leftover)
+
+    def _improved(self, value: float, baseline: Optional[float] = None) -> bool:
         if value is None or math.isnan(value):
             return False
+        if baseline is not None and (value < baseline if self.mode == "max" else value > baseline):
+            return False  # worse than not registering at all: never "best"
         if self.best is None:
             return True
         return value > self.best if self.mode == "max" else value < self.best
@@ -196,7 +209,8 @@ class Checkpoint(Callback):
         if trainer.epoch % self.every_n_epochs and trainer.epoch != trainer.max_epochs:
             return
         value = trainer.metrics.get(self.monitor) if self.monitor else None
-        improved = self._improved(value)
+        baseline = trainer.metrics.get(self.baseline) if self.baseline else None
+        improved = self._improved(value, baseline)
         if improved:
             self.best, self.best_epoch = float(value), trainer.epoch
         payload = trainer.state_dict()
@@ -209,9 +223,12 @@ class Checkpoint(Callback):
             self._warned = True
 
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
-        if isinstance(exc, KeyboardInterrupt):
-            path = save_checkpoint(self.dirpath / "interrupted.ckpt", trainer.state_dict())
-            log.warning("interrupted: saved %s (resume with ckpt_path=%s; the unfinished epoch is re-run)", path, path)
+        if isinstance(exc, Interrupted):  # stopped between two steps: the state is exact
+            self.interrupted_path = save_checkpoint(self.dirpath / "interrupted.ckpt", trainer.state_dict())
+            log.warning("%s: saved %s at epoch %d, batch %d (resuming continues from there)", exc.signal_name,
+                        self.interrupted_path, trainer.epoch + 1, trainer.batch_in_epoch)
+        elif isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: possibly inside a step, so nothing exact to save
+            log.warning("stopped at once: no checkpoint of the unfinished epoch (last.ckpt holds the last finished one)")
 
     def state_dict(self) -> Dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -220,9 +237,47 @@ class Checkpoint(Callback):
         self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
 
 
+class DivergenceWarning(Callback):
+    """Says so, once each, when training goes wrong: the epoch's mean loss grows by orders of
+    magnitude over the first epoch's (more than ``factor`` times its size away from it, e.g. a
+    learning rate far too high), or validation Dice falls below the unregistered Dice. A non-finite
+    loss stops the run in the trainer itself (one line)."""
+
+    order = 40  # after validation and the loss logger have logged this epoch
+
+    def __init__(self, factor: float = 100.0) -> None:
+        self.factor = float(factor)
+        self.first: Optional[float] = None
+        self.warned: Dict[str, bool] = {}
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        m = trainer.metrics
+        loss = m.get("train/epoch_loss/total")
+        if loss is not None and math.isfinite(loss):
+            if self.first is None:
+                self.first = loss
+            elif abs(loss - self.first) > self.factor * max(abs(self.first), 1e-3) and not self.warned.get("loss"):
+                self.warned["loss"] = True
+                log.warning("warning: the training loss is diverging: %.4g at epoch %d against %.4g at the first; lower "
+                            "the learning rate (now %g, e.g. optimizer.lr=%g)", loss, trainer.epoch, self.first,
+                            trainer.optimizer.param_groups[0]["lr"], trainer.optimizer.param_groups[0]["lr"] / 10)
+        dice, before = m.get("val/dice"), m.get("val/dice_before")
+        if dice is not None and before is not None and dice < before and not self.warned.get("dice"):
+            self.warned["dice"] = True
+            log.warning("warning: validation Dice %.4f at epoch %d is below the unregistered Dice %.4f: the model "
+                        "is worse than not registering (best.ckpt is only written for models better than that)",
+                        dice, trainer.epoch, before)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"first": self.first}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.first = state.get("first")
+
+
 class EpochTimingLogger(Callback):
     """Logs the epoch's wall time and its breakdown (``time/data``, ``time/forward``,
-    ``time/loss``, ``time/backward``, ``time/step``, shares, samples/s, peak memory); under
+    ``time/loss``, ``time/backward``, ``time/optimizer``, shares, samples/s, peak memory); under
     torchrun, rank 0's (``throughput/samples_per_s`` is then per process)."""
 
     order = 10

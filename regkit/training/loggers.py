@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
 
 
 class Logger:
@@ -30,8 +31,6 @@ class TensorBoardLogger(Logger):
     """Writes TensorBoard event files under ``log_dir``."""
 
     def __init__(self, log_dir: str) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 

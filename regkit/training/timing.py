@@ -13,11 +13,13 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator
+from typing import Callable, Dict, Iterable, Iterator
 
 import torch
 
-PHASES = ("data", "forward", "loss", "backward", "step")
+from regkit.device import synchronize
+
+PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 
 @dataclass
@@ -64,7 +66,10 @@ def _max_rss_mib() -> float:
 class PhaseTimer:
     """Accumulates phase times over an epoch: ``with timer.phase("forward"): ...``."""
 
-    def __init__(self, device: torch.device, sync: bool = True, warmup_steps: int = 2) -> None:
+    def __init__(self, device: torch.device, sync: bool = True, warmup_steps: int = 2,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """``clock`` returns seconds (a fake one in tests)."""
+        self.clock = clock
         self.device = torch.device(device)
         self.sync = sync and self.device.type == "cuda"
         self.warmup_steps = max(0, int(warmup_steps))
@@ -78,8 +83,8 @@ class PhaseTimer:
 
     def _now(self) -> float:
         if self.sync:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+            synchronize(self.device)
+        return self.clock()
 
     @property
     def in_warmup(self) -> bool:

@@ -3,18 +3,24 @@ callbacks; the loop itself only moves data, runs the model, the loss, backward a
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+import warnings
+from itertools import islice
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from regkit import distributed
 from regkit.device import check_precision, memory_format, move_to, resolve_device
-from regkit.errors import InputError
+from regkit.errors import InputError, TrainingError
 from regkit.losses.composite import LossOutput
-from regkit.training.checkpoint import load_checkpoint, model_spec, to_plain
+from regkit.checkpoint import load_checkpoint, model_spec, to_plain
 from regkit.training.loggers import Logger
+from regkit.training.state import rng_state, set_rng_state
 from regkit.training.timing import EpochTiming, PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,12 @@ class Trainer:
             used when launched by torchrun with more than one process (then the model is
             wrapped in ``DistributedDataParallel``; see :mod:`regkit.distributed`).
         dist_timeout_min: how long a collective waits for the other ranks.
+        requeue: also stop (after the step in progress, saving ``interrupted.ckpt``) on SIGUSR2,
+            the warning SLURM sends before a job's time limit (``hydra/launcher=slurm``); the
+            signal is then handed on to the launcher, which requeues the job, and the requeued
+            job continues from the checkpoint with ``ckpt_path=auto``.
+        num_threads: torch's CPU threads for this process (``None``: torch's default, all
+            cores; a parallel sweep sets each job's share, see :func:`regkit.distributed.place_sweep_job`).
 
     After :meth:`fit`, ``metrics`` holds the latest scalars (e.g. ``val/dice``) and
     ``history`` one dict per epoch.
@@ -75,12 +87,18 @@ class Trainer:
                  grad_clip_norm: Optional[float] = None, sync_timing: bool = True, warmup_steps: int = 2,
                  limit_train_batches: Optional[int] = None, output_dir: str = ".", run_config: Any = None,
                  precision: str = "fp32", compile: bool = False, channels_last: bool = False,
-                 dist_backend: str = "auto", dist_timeout_min: float = 30.0) -> None:
+                 dist_backend: str = "auto", dist_timeout_min: float = 30.0,
+                 num_threads: Optional[int] = None, requeue: bool = False) -> None:
         if max_epochs < 1:
             raise InputError(f"max_epochs must be >= 1, got {max_epochs}")
         if log_every_n_steps < 1:
             raise InputError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.max_epochs = int(max_epochs)
+        self.requeue = bool(requeue)
+        if num_threads is not None:
+            if int(num_threads) < 1:
+                raise InputError(f"num_threads must be >= 1 or null, got {num_threads}")
+            torch.set_num_threads(int(num_threads))
         self.device = resolve_device(device)
         self.precision, self.autocast_dtype = precision, check_precision(precision, self.device)
         self.compile, self.channels_last = bool(compile), bool(channels_last)
@@ -104,7 +122,10 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
         self.last_timing: Optional[EpochTiming] = None
         self.should_stop = False
+        self.batch_in_epoch = 0  # batches done in the current (unfinished) epoch
+        self.interrupted: Optional[str] = None  # the signal that asked the run to stop, if any
         self.train_module: Optional[nn.Module] = None  # set by fit: the model, wrapped as configured
+        self.train_loader: Any = None  # set by fit, built once (its workers persist across epochs)
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
@@ -122,8 +143,10 @@ class Trainer:
             if ckpt_path:
                 self.restore(ckpt_path)  # every rank reads the same file, so they start equal
             self.train_module = self._wrap(model)
+            self.train_loader = data.train_dataloader()
             self.timer = PhaseTimer(self.device, self.sync_timing, self.warmup_steps)
-            self._fit_loop()
+            with StopSignals(self):
+                self._fit_loop()
             distributed.barrier()  # returning on any rank means rank 0's files are written
         finally:
             distributed.cleanup(owns_group)
@@ -150,8 +173,6 @@ class Trainer:
         Callbacks and checkpoints use the plain ``self.model`` (same parameters)."""
         module = model
         if distributed.is_distributed():
-            from torch.nn.parallel import DistributedDataParallel
-
             # RegistrationOutput (a dataclass) passes through DDP untouched: gradients are
             # reduced by parameter hooks, which need no output traversal while every
             # parameter is used (find_unused_parameters=False).
@@ -178,9 +199,8 @@ class Trainer:
             with self.autocast():
                 return self.train_module(moving, fixed)
         except Exception as exc:
-            from torch._dynamo.exc import TorchDynamoException
-
-            if self.compile and isinstance(exc, TorchDynamoException):
+            # torch.compile's errors come from torch._dynamo (not imported here: it is heavy)
+            if self.compile and type(exc).__module__.startswith("torch._dynamo"):
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise RuntimeError(f"trainer.compile=true: torch.compile failed on {self.device} ({first}); "
                                    f"train without it: trainer.compile=false") from exc
@@ -188,7 +208,7 @@ class Trainer:
 
     def train_epoch(self) -> None:
         self.model.train()
-        loader = self.train_loader()
+        loader = self.epoch_batches()
         self._call("on_train_epoch_start")
         self.timer.start_epoch()
         for batch in self.timer.iterate(loader):
@@ -196,9 +216,12 @@ class Trainer:
             losses = self.training_step(batch)
             self.timer.end_step(batch["moving"].shape[0])
             self.global_step += 1
+            self.batch_in_epoch += 1
             self._call("on_train_batch_end", batch=batch, losses=losses)
+            self.stop_if_interrupted()
         self.last_timing = self.timer.end_epoch()
         self.epoch += 1
+        self.batch_in_epoch = 0
         if self.scheduler is not None:
             self.scheduler.step()
 
@@ -218,11 +241,11 @@ class Trainer:
 
     def backward_and_step(self, total: torch.Tensor) -> None:
         """Back-propagate ``total`` (scaled under fp16; DDP averages the gradients here), clip,
-        and step the model's optimizer, timed as the ``backward`` and ``step`` phases."""
+        and step the model's optimizer, timed as the ``backward`` and ``optimizer`` phases."""
         with self.timer.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
-        with self.timer.phase("step"):
+        with self.timer.phase("optimizer"):
             self.clip_gradients()
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -234,27 +257,36 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
 
     # -- helpers ----------------------------------------------------------------------------------
-    def train_loader(self) -> Iterable:
-        loader = self.data.train_dataloader()
+    def epoch_batches(self) -> Iterable:
+        """This epoch's batches: the sampler set to the epoch (and, after a resume inside it, to
+        the first batch not yet done), at most ``limit_train_batches`` in all."""
+        loader = self.train_loader
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
-        if self.limit_train_batches:
-            from itertools import islice
-
-            n = min(len(loader), int(self.limit_train_batches))
-            return _Sized(islice(loader, n), n)
-        return loader
+        if self.batch_in_epoch and not hasattr(sampler, "set_start"):
+            raise InputError(f"cannot resume inside an epoch: the training loader's sampler "
+                             f"({type(sampler).__name__}) has no set_start")
+        if hasattr(sampler, "set_start"):
+            sampler.set_start(self.batch_in_epoch * (loader.batch_size or 1))
+        n = self.steps_per_epoch - self.batch_in_epoch
+        return loader if n == len(loader) else _Sized(islice(loader, n), n)
 
     @property
     def steps_per_epoch(self) -> int:
-        n = len(self.data.train_dataloader())
+        n = len(self.train_loader if self.train_loader is not None else self.data.train_dataloader())
         return min(n, int(self.limit_train_batches)) if self.limit_train_batches else n
+
+    def stop_if_interrupted(self) -> None:
+        """After a whole step: stop if SIGINT or SIGTERM arrived (on any rank), by raising
+        :class:`Interrupted` (the checkpoint callback then saves the exact position)."""
+        if distributed.any_rank(self.interrupted is not None, self.device):
+            raise Interrupted(self.interrupted or "SIGTERM")
 
     def _check_finite(self, losses: LossOutput) -> None:
         if not torch.isfinite(losses.total.detach()):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.terms.items())
-            raise FloatingPointError(
+            raise TrainingError(
                 f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}: total="
                 f"{float(losses.total):.4g} ({terms}); lower the learning rate or check the inputs"
             )
@@ -290,7 +322,9 @@ class Trainer:
             # how the data was prepared (normalisation, size), for inference on new scans
             "data": to_plain(self.data.spec()) if hasattr(self.data, "spec") else None,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
-            "rng": torch.get_rng_state(),
+            "rng": rng_state(),
+            # where the run stands inside the current epoch (non-zero after an interrupt)
+            "batch_in_epoch": self.batch_in_epoch,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
 
@@ -298,7 +332,16 @@ class Trainer:
         """Restore what a subclass added to :meth:`state_dict` (nothing here)."""
 
     def restore(self, path: str) -> None:
+        """Continue the run of checkpoint ``path``: weights, optimizer state, schedule, position,
+        metrics, callbacks' and random states. Settings given now that differ from the checkpoint's
+        run either take effect (learning rate and other optimizer settings, schedule, epochs,
+        callbacks, loss weights; listed in the log) or, when they would change the model or the
+        data (:data:`RESUME_REFUSED`), are refused in one line naming them."""
         data = load_checkpoint(path)
+        changed = resume_changes(data.get("config") or {}, self.run_config, path)
+        if "dataset.batch_size" in changed and int(data.get("batch_in_epoch", 0)):
+            raise InputError(f"ckpt_path={path}: stopped inside an epoch, so it resumes with its batch size "
+                             f"{changed['dataset.batch_size'][0]}, not {changed['dataset.batch_size'][1]}")
         want = model_spec(self.model)
         have = data["model"]
         if have["name"] != want["name"]:
@@ -311,24 +354,118 @@ class Trainer:
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise InputError(f"{path}: weights do not fit model '{want['name']}' with this config ({first})") from None
+        # The optimizer's state (moments, step counts) comes from the checkpoint, its settings (lr,
+        # betas, ...) from this run's config, so that e.g. optimizer.lr=... on resume takes effect.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(data["optimizer"])
+        for group, fresh in zip(self.optimizer.param_groups, settings):
+            group.update(fresh)
         if self.scheduler is not None and data.get("scheduler") is not None:
             self.scheduler.load_state_dict(data["scheduler"])
+            if hasattr(self.scheduler, "base_lrs"):  # the schedule continues from this run's lr at the saved epoch
+                self.scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
+                with warnings.catch_warnings():  # get_lr outside step() warns; here it is the intended use
+                    warnings.simplefilter("ignore")
+                    for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                        group["lr"] = lr
+                self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.epoch, self.global_step = int(data["epoch"]), int(data["global_step"])
         self.metrics.update(data.get("metrics", {}))
         for cb in self.callbacks:
             cb.load_state_dict(data.get("callbacks", {}).get(type(cb).__name__, {}))
         self.load_extra_state(data)
+        self.batch_in_epoch = int(data.get("batch_in_epoch", 0))
         if "rng" in data:
-            torch.set_rng_state(data["rng"])
+            set_rng_state(data["rng"])
         if self.scaler.is_enabled() and data.get("scaler"):
             self.scaler.load_state_dict(data["scaler"])
         if not self.is_global_zero:
             return
+        for key, (old, new) in changed.items():
+            log.info("resume: %s = %r in this run (the checkpoint's run had %r): takes effect", key, new, old)
         if self.epoch >= self.max_epochs:
             log.warning("%s: already trained %d epochs (max_epochs=%d); nothing to do", path, self.epoch, self.max_epochs)
         else:
-            log.info("resumed from %s at epoch %d/%d (step %d)", path, self.epoch, self.max_epochs, self.global_step)
+            inside = f", batch {self.batch_in_epoch} of epoch {self.epoch + 1}" if self.batch_in_epoch else ""
+            log.info("resumed from %s at epoch %d/%d (step %d%s)", path, self.epoch, self.max_epochs, self.global_step,
+                     inside)
+
+
+# Config keys whose change on resume would change the model or the data: refused. Everything else
+# (optimizer, schedule, epochs, callbacks, logging, loss weights) takes effect, and is logged.
+RESUME_REFUSED = ("model.", "transformer.", "dataset.")
+# Dataset keys that change where or how fast the same data is read, not the data: allowed.
+# (batch_size only regroups the same samples, e.g. per process under torchrun; not inside an epoch).
+RESUME_ALLOWED = ("dataset.root", "dataset.num_workers", "dataset.cache", "dataset.validate",
+                  "dataset.affine_check", "dataset.batch_size")
+# Keys that always differ between two runs (their folders) or only name the checkpoint.
+RESUME_IGNORED = ("paths.", "hydra.", "ckpt_path", "trainer.output_dir", "callbacks.checkpoint.dirpath",
+                  "logger.", "task_name")
+
+
+def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: Dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any], path) -> Dict[str, tuple]:
+    """``{key: (saved, current)}`` of the settings that differ between a checkpoint's run and this
+    one and take effect; raises :class:`InputError` naming the keys that would change the model or
+    the data. A checkpoint without a config (or a run without one) compares nothing."""
+    if not saved or not current:
+        return {}
+    a, b = _flatten(saved), _flatten(current)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    changed = {k: v for k, v in changed.items() if not k.startswith(RESUME_IGNORED)}
+    refused = [k for k in changed if k.startswith(RESUME_REFUSED) and not k.startswith(RESUME_ALLOWED)]
+    if refused:
+        details = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused)
+        raise InputError(f"ckpt_path={path}: resuming cannot change the model or the data, but {details}; "
+                         f"drop those overrides, or start a new run (initialised from scratch)")
+    return changed
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was asked to stop (Ctrl-C or SIGTERM) and stopped after a whole step."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class StopSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (what SLURM and most schedulers send before
+    killing a job), and SIGUSR2 with ``trainer.requeue``, only set ``trainer.interrupted``; the loop stops after the step in progress,
+    so the checkpoint holds whole steps. A second Ctrl-C interrupts at once. Handlers are only
+    installed in the main thread (Python allows no others) and restored on exit."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+        self.signals = ("SIGINT", "SIGTERM") + (("SIGUSR2",) if trainer.requeue else ())
+        self.previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.trainer.interrupted is not None and name == "SIGINT":
+            raise KeyboardInterrupt  # pressed twice: stop now
+        self.trainer.interrupted = name
+        log.warning("%s received: stopping after the current step and saving a checkpoint", name)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.signals:
+                num = getattr(signal, name)
+                self.previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for num, handler in self.previous.items():
+            signal.signal(num, handler)
+        self.previous.clear()
 
 
 class _Sized:
