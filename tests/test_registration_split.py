@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from regkit.data.io import load_volume, save_nifti
 from regkit.errors import InputError
+from regkit.inference import register_files, register_files_split
 from regkit.registration.deformable import DeformableRegistration
 from regkit.registration.distributed import (QUANTILE_VOXELS, NormalizedRows, intensity_range,
                                              register_volumes_distributed, strided_subset, write_nifti_rows)
@@ -234,8 +235,8 @@ def _split_worker(rank, world, port, names, out, file_runs):
             None if init is None else TensorRows(init))
         torch.save({"flow": res.flow, "inverse": res.inverse_flow, "rows": res.rows,
                     "losses": [s.losses for s in res.stages]}, f"{out}/{name}_{rank}.pt")
-    for args, kwargs in file_runs:
-        register_volumes_distributed(*args, **kwargs)
+    for fn, args, kwargs in file_runs:
+        {"volumes": register_volumes_distributed, "files": register_files_split}[fn](*args, **kwargs)
     dist.destroy_process_group()
 
 
@@ -268,6 +269,7 @@ def _write_pair(folder):
     return paths
 
 
+CLI_RUN = dict(preset="accurate", preset_overrides={"deformable.iterations": [3, 2, 2]}, device="cpu", progress=False)
 FILE_RUN = dict(preset="accurate", overrides={"affine": None, "deformable.iterations": [3, 2, 2]}, device="cpu",
                 progress=False)
 # a known world matrix: fixed world -> moving world, a shift of (1.5, -2, 0.75) mm
@@ -299,8 +301,11 @@ def _write_moving_on_another_grid(folder):
 def test_two_processes_give_the_single_process_field_and_files(tmp_path):
     paths = _write_pair(tmp_path)
     other = _write_moving_on_another_grid(tmp_path)
-    runs = [((*paths, tmp_path / "two"), FILE_RUN),
-            ((other, paths[1], tmp_path / "two_affine"), dict(preset=affine_pipeline(), device="cpu", progress=False))]
+    runs = [("volumes", (*paths, tmp_path / "two"), FILE_RUN),
+            ("volumes", (other, paths[1], tmp_path / "two_affine"),
+             dict(preset=affine_pipeline(), device="cpu", progress=False)),
+            # what regkit-register runs under torchrun: the preset's own affine stage included
+            ("files", (None, other, paths[1], tmp_path / "two_cli"), CLI_RUN)]
     mp.spawn(_split_worker, args=(2, free_port(), ["window9"], str(tmp_path), runs), nprocs=2, join=True)
     _check_against_one_process(["window9"], 2, tmp_path)
 
@@ -308,8 +313,8 @@ def test_two_processes_give_the_single_process_field_and_files(tmp_path):
     one = register_volumes_distributed(other, paths[1], tmp_path / "one_affine", preset=affine_pipeline(),
                                        device="cpu", progress=False)
     two = json.loads((tmp_path / "two_affine" / "register.json").read_text())
-    assert one["matrix"] == two["matrix"] == SHIFT.tolist() and two["stages"][0]["name"] == "affine"
-    for name in ("flow_voxel", "warped", "inverse_flow_voxel"):
+    assert one["affine_matrix"] == two["affine_matrix"] == SHIFT.tolist() and two["stages"][0]["name"] == "affine"
+    for name in ("flow_voxel", "warped", "inverse_flow_voxel", "inverse_flow_mm"):
         a, b = (np.asarray(nib.load(tmp_path / d / f"{name}.nii.gz").dataobj) for d in ("one_affine", "two_affine"))
         assert np.array_equal(a, b), name
     ref = affine_pipeline().register(load_volume(other), load_volume(paths[1]))
@@ -321,10 +326,11 @@ def test_two_processes_give_the_single_process_field_and_files(tmp_path):
     assert one["processes"] == 1 and two["processes"] == 2 and two["rows"] == [[0, 12], [12, 24]]
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir())  # no temporary files left either
-    assert names == ["flow_mm.nii.gz", "flow_voxel.nii.gz", "inverse_flow_voxel.nii.gz", "jacdet.nii.gz",
-                     "register.json", "warped.nii.gz"]
+    images = ["flow_mm.nii.gz", "flow_voxel.nii.gz", "inverse_flow_mm.nii.gz", "inverse_flow_voxel.nii.gz",
+              "jacdet.nii.gz", "warped.nii.gz"]
+    assert names == sorted([*images, "loss_curve.png", "register.json"])
     fixed = load_volume(paths[1])
-    for name in names[:-2] + names[-1:]:
+    for name in images:
         a, b = nib.load(tmp_path / "one" / name), nib.load(tmp_path / "two" / name)
         assert a.header.binaryblock == b.header.binaryblock, name
         np.testing.assert_allclose(a.affine, fixed.affine)
@@ -337,6 +343,45 @@ def test_two_processes_give_the_single_process_field_and_files(tmp_path):
     flow = np.asarray(nib.load(tmp_path / "one" / "flow_voxel.nii.gz").dataobj)[:, :, :, 0]
     assert np.array_equal(flow, ref.flow[0].permute(1, 2, 3, 0).numpy())
 
+    # two processes write the files regkit-register writes in one process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each process of the split run
+    try:
+        register_files(None, other, paths[1], tmp_path / "one_cli", preset=CLI_RUN["preset"], device="cpu",
+                       progress=False, preset_overrides=CLI_RUN["preset_overrides"])
+    finally:
+        torch.set_num_threads(threads)
+    same_outputs(tmp_path / "one_cli", tmp_path / "two_cli", [[0, 12], [12, 24]])
+
+
+def same_outputs(one, two, rows):
+    """The split run (folder ``two``) wrote the files of ``regkit-register`` in one process (``one``):
+    the same names, NIfTI headers byte for byte, the same values (float32, bit for bit), the same
+    affine files, and register.json with the same keys (and the split's own)."""
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir())  # no temporary file left either
+    assert names == sorted(["warped.nii.gz", "flow_voxel.nii.gz", "flow_mm.nii.gz", "jacdet.nii.gz",
+                            "inverse_flow_voxel.nii.gz", "inverse_flow_mm.nii.gz", "affine.txt", "affine.tfm",
+                            "loss_curve.png", "register.json"])
+    for name in names:
+        if name.endswith(".nii.gz"):
+            a, b = nib.load(str(one / name)), nib.load(str(two / name))
+            assert a.header.binaryblock == b.header.binaryblock, name
+            da, db = np.asarray(a.dataobj), np.asarray(b.dataobj)
+            assert da.dtype == db.dtype == np.float32 and np.array_equal(da, db), (name, np.abs(da - db).max())
+        elif name.startswith("affine"):
+            assert (one / name).read_text() == (two / name).read_text(), name
+    r1, r2 = (json.loads((d / "register.json").read_text()) for d in (one, two))
+    assert set(r1) <= set(r2) and r2["processes"] == 2 and r2["rows"] == rows
+    assert r1["affine_matrix"] == r2["affine_matrix"] and r1["pipeline"] == r2["pipeline"]
+    assert r1["preset"] == r2["preset"] and r1["notes"] == r2["notes"] and r1["warnings"] == r2["warnings"]
+    assert r2["nonpos_jac_pct"] == r1["nonpos_jac_pct"] and r2["sdlogj"] == pytest.approx(r1["sdlogj"], rel=1e-12)
+    # the loss of each iteration is summed over the processes in another order: float32 round-off
+    assert [(s["name"], s["level"]) for s in r1["stages"]] == [(s["name"], s["level"]) for s in r2["stages"]]
+    for s1, s2 in zip(r1["stages"], r2["stages"]):
+        for key in ("loss_first", "loss_final"):
+            assert s2[key] == (None if s1[key] is None else pytest.approx(s1[key], rel=1e-5)), (s1, key)
+
 
 def test_three_thin_slabs_give_the_single_process_field(tmp_path):
     names = ["window7_symmetric", "mse_coarse", "refine_tolerance"]
@@ -346,7 +391,6 @@ def test_three_thin_slabs_give_the_single_process_field(tmp_path):
 
 DYING = """
 import os, sys
-sys.path.insert(0, {scripts!r})
 from regkit.registration import deformable
 if os.environ["RANK"] == "1":
     update, calls = deformable.GreedyOptimizer.update, []
@@ -356,8 +400,8 @@ if os.environ["RANK"] == "1":
             os._exit(3)  # a process that dies mid-run (killed, out of memory, ...)
         return update(self, *args, **kwargs)
     deformable.GreedyOptimizer.update = dying
-import register_distributed
-sys.exit(register_distributed.main(sys.argv[1:]))
+from regkit.cli import register
+sys.exit(register.main(sys.argv[1:]))
 """
 
 
@@ -369,12 +413,13 @@ def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(tmp_p
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-c", DYING.format(scripts=str(ROOT / "scripts")), *map(str, paths), "-o", str(out),
-               "--no-affine", "--set", "deformable.iterations=[6,4,3]", "--no-progress", "--timeout-min", "1"]
+        cmd = [sys.executable, "-c", DYING, *map(str, paths), "-o", str(out), "--affine", "none", "--set",
+               "deformable.iterations=[6,4,3]", "--device", "cpu", "--timeout-min", "1"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     results = [p.communicate(timeout=240) for p in procs]
     assert procs[1].returncode == 3
     assert procs[0].returncode == 2, results[0]
     lines = [line for line in results[0][1].splitlines() if line.startswith("regkit: error:")]
     assert len(lines) == 1 and "process 0 of 2: communication with the other processes failed" in lines[0]
+    assert results[1][0] == "" and "regkit: error" not in results[1][1]  # the dying process printed nothing
     assert not out.exists() or list(out.iterdir()) == []  # nothing written, no temporary file left

@@ -1,9 +1,10 @@
 """One registration split over processes, files in and files out.
 
-``torchrun --nproc_per_node=N scripts/register_distributed.py moving.nii.gz fixed.nii.gz -o out/
+``torchrun --nproc_per_node=N --no-python regkit-register moving.nii.gz fixed.nii.gz -o out/
 --preset accurate`` (or ``--nnodes`` with a rendezvous, as in docs/scaling.md) runs
-:func:`register_volumes_distributed` on N processes: gloo on the CPU, NCCL on GPUs (one per
-process, ``cuda:LOCAL_RANK``). Without torchrun it is one process running the same code.
+:func:`register_volumes_distributed` on N processes (through
+:func:`regkit.inference.register_files_split`): gloo on the CPU, NCCL on GPUs (one per process,
+``cuda:LOCAL_RANK``). Without torchrun it is one process running the same code.
 
 What each process holds (see :mod:`regkit.registration.slabs` for the exactness argument): its
 rows of the fixed grid's last axis plus a halo, of the field, of its Adam moments and of the fixed
@@ -24,8 +25,10 @@ Steps, as :class:`~regkit.registration.pipeline.Pipeline` takes them in one proc
 5. the outputs on the fixed grid with the fixed header, computed per slab and streamed by
    process 0 into temporary files (:func:`write_nifti_rows`) that are renamed into place only
    when every output is complete: ``warped``, ``flow_voxel`` (the whole transformation, affine
-   included), ``flow_mm``, ``jacdet``, ``inverse_flow_voxel`` (the inverse of the deformable
-   part, when the preset computes it) and ``register.json``.
+   included), ``flow_mm``, ``jacdet``, ``inverse_flow_voxel`` and ``inverse_flow_mm`` (the
+   inverse of the deformable part, when the preset computes it), then ``affine.txt`` /
+   ``affine.tfm``, ``loss_curve.png`` and ``register.json``: the files ``regkit-register``
+   writes in one process, with the same values and headers.
 
 Failures: a process that dies or stops answering makes the others' next collective fail (a
 closed connection at once, or the ``timeout_min`` of the process group); they stop with one line
@@ -44,7 +47,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import nibabel
 import numpy as np
@@ -57,11 +60,16 @@ from regkit.device import resolve_device
 from regkit.distributed import cleanup, setup
 from regkit.errors import InputError, MissingFileError, RegkitError, check_choice
 from regkit.data.resample import transform_points
-from regkit.registration.pipeline import NORMALIZE, Pipeline, fixed_grid, load_preset, voxel_map, whole_flow
+from regkit.registration.pipeline import NORMALIZE, Pipeline, fixed_grid, load_preset, plot_loss_curves, voxel_map, \
+    whole_flow
+from regkit.registration.result import StageRecord
 from regkit.registration.slabs import Comm, RowSource, SlabResult, padded_rows, split_rows, whole_rows
+from regkit.registration.tfm import write_itk_tfm, write_matrix_txt
 from regkit.spatial import jacobian_determinant, sample_at
 
-OUTPUTS = ("warped", "flow_voxel", "flow_mm", "jacdet", "inverse_flow_voxel")
+OUTPUTS = ("warped", "flow_voxel", "flow_mm", "jacdet", "inverse_flow_voxel", "inverse_flow_mm")
+# the other files regkit-register writes: affine.txt + affine.tfm (with an affine stage), loss_curve.png
+EXTRAS = ("affine_files", "loss_curve")
 SUFFIXES = (".nii.gz", ".nii")
 # voxels the quantile of the percentile normalisation reads at most (pipeline.normalize_intensity)
 QUANTILE_VOXELS = 2 ** 22
@@ -190,7 +198,7 @@ def intensity_range(source: RowSource, comm: Comm, mode: str, name: str) -> Opti
     x = source.read(lo, hi)
     bad = comm.all_reduce_((~torch.isfinite(x)).sum().reshape(1), "sum")
     if int(bad):
-        raise InputError(f"{name} image has {int(bad)} NaN/inf voxels")
+        raise everywhere(InputError(f"{name} image has {int(bad)} NaN/inf voxels"))
     if mode == "none":
         return None
     low = comm.all_reduce_(x.amin().reshape(1), "min")[0]
@@ -205,7 +213,7 @@ def intensity_range(source: RowSource, comm: Comm, mode: str, name: str) -> Opti
         if not high > low:
             high = top
     if not high > low:
-        raise InputError(f"{name}: the image is constant ({float(low)}); nothing to register")
+        raise everywhere(InputError(f"{name}: the image is constant ({float(low)}); nothing to register"))
     return low, high
 
 
@@ -218,7 +226,7 @@ def check_finite_file(volume: VolumeFile, comm: Comm, name: str) -> None:
         bad = int((~np.isfinite(volume.read_box([(0, s) for s in volume.shape[:-1]] + [(lo, hi)]))).sum())
     total = comm.all_reduce_(torch.tensor([bad], device=comm.device), "sum")
     if int(total):
-        raise InputError(f"{volume.path}: contains {int(total)} NaN/inf voxels")
+        raise everywhere(InputError(f"{volume.path}: contains {int(total)} NaN/inf voxels"))
 
 
 # -- outputs streamed into one file ---------------------------------------------------------------
@@ -307,17 +315,34 @@ def exit_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def everywhere(exc: BaseException) -> BaseException:
+    """Mark a bad-input error (:class:`~regkit.errors.RegkitError`, also when Hydra wraps it) as
+    raised with the same message on every process (a check on global values, or one made on
+    process 0 and broadcast): a command-line app prints it on process 0 only
+    (:func:`regkit.cli.exit_on_user_error`). An error only some processes meet stays unmarked and
+    is printed where it happens. Returns ``exc``."""
+    cause = exc.__cause__ if type(exc).__name__ == "InstantiationException" else exc
+    if isinstance(cause, RegkitError):
+        cause.every_process = True
+    return exc
+
+
 def _pipeline(preset: Union[str, Pipeline], overrides: Optional[Mapping[str, Any]], progress: bool) -> Pipeline:
-    if isinstance(preset, Pipeline):
-        pipe = preset
-    else:
-        pipe = load_preset(preset, **dict(overrides or {}))
-        if not isinstance(pipe, Pipeline):
-            raise InputError(f"preset '{preset}' is not a whole registration (Pipeline), got {type(pipe).__name__}")
-    pipe.progress = bool(progress)
-    pipe.sync_progress()
-    if pipe.deformable is None:
-        raise InputError("a split registration needs a deformable stage; this pipeline has none")
+    try:
+        if isinstance(preset, Pipeline):
+            pipe = preset
+        else:
+            pipe = load_preset(preset, **dict(overrides or {}))
+            if not isinstance(pipe, Pipeline):
+                raise InputError(f"preset '{preset}' is not a whole registration (Pipeline), got "
+                                 f"{type(pipe).__name__}; a split registration (torchrun) needs a deformable stage")
+        pipe.progress = bool(progress)
+        pipe.sync_progress()
+        if pipe.deformable is None:
+            raise InputError("a split registration (torchrun) needs a deformable stage; this pipeline has none "
+                             "(run an affine-only registration in one process)")
+    except Exception as exc:
+        raise everywhere(exc)
     return pipe
 
 
@@ -331,11 +356,36 @@ def on_rank_zero(comm: Comm, fn):
         except RegkitError as exc:
             payload = ("error", type(exc).__name__, str(exc))
             if not comm.split:
-                raise
+                raise everywhere(exc)
     payload = comm.broadcast_object(payload)
     if payload[0] == "error":
-        raise (MissingFileError if payload[1] == "MissingFileError" else InputError)(payload[2])
+        raise everywhere((MissingFileError if payload[1] == "MissingFileError" else InputError)(payload[2]))
     return payload[1]
+
+
+def on_every_process(comm: Comm, fn, what: str):
+    """``fn()`` on every process. When it raises a bad-input error on some of them, every process
+    raises the first such error (marked by :func:`everywhere`, so that it is printed once, naming
+    the process when not all of them failed) instead of the others waiting for them until the
+    timeout."""
+    result, message = None, None
+    try:
+        result = fn()
+    except RegkitError as exc:
+        message = (type(exc).__name__, str(exc))
+        if not comm.split:
+            raise everywhere(exc)
+    messages = [None] * comm.world
+    if comm.split:
+        with comm.timed():
+            dist.all_gather_object(messages, message)
+    failed = [(q, m) for q, m in enumerate(messages) if m is not None]
+    if failed:
+        q, (kind, text) = failed[0]
+        if len(failed) < comm.world:
+            text = f"{text} (on process {q} of {comm.world}, while {what})"
+        raise everywhere((MissingFileError if kind == "MissingFileError" else InputError)(text))
+    return result
 
 
 def _run_affine(pipe: Pipeline, comm: Comm, moving: VolumeFile, fixed: VolumeFile):
@@ -366,33 +416,43 @@ def register_volumes_distributed(moving: PathLike, fixed: PathLike, out_dir: Pat
                                  preset: Union[str, Pipeline] = "accurate",
                                  overrides: Optional[Mapping[str, Any]] = None, device: Any = "auto",
                                  backend: str = "auto", timeout_min: float = 30.0,
-                                 outputs: Sequence[str] = OUTPUTS, suffix: str = ".nii.gz", margin: int = 8,
-                                 progress: bool = True, profile: bool = False) -> Optional[Dict[str, Any]]:
+                                 outputs: Sequence[str] = OUTPUTS + EXTRAS, suffix: str = ".nii.gz", margin: int = 8,
+                                 progress: bool = True, profile: bool = False,
+                                 finish: Optional[Callable[[Dict[str, Any]], None]] = None,
+                                 preset_name: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Register ``moving`` to ``fixed`` (NIfTI/MGH files) with the preset, split over the
     processes torchrun started (one process without torchrun), and write the outputs.
 
-    Every process calls this with the same arguments. Process 0 writes into ``out_dir``:
-    ``<name><suffix>`` for each of ``outputs`` (see the module docstring; ``inverse_flow_voxel``
-    only when the preset computes an inverse) on the fixed grid with the fixed header, and
-    ``register.json`` (stages, losses, seconds, processes, communication time per process).
+    Every process calls this with the same arguments. Process 0 writes into ``out_dir`` the files
+    ``regkit-register`` writes for the preset in one process (:mod:`regkit.inference`):
+    ``<name><suffix>`` for each of ``outputs`` in :data:`OUTPUTS` (see the module docstring;
+    ``inverse_flow_*`` only when the preset computes an inverse) on the fixed grid with the fixed
+    header; for :data:`EXTRAS` in ``outputs``, ``affine.txt`` and ``affine.tfm`` (with an affine
+    stage) and ``loss_curve.png`` (when matplotlib is installed); and ``register.json``: :func:`regkit.inference.register_files`'s record (stages, losses,
+    Jacobian metrics over the whole grid, seconds) plus ``processes``, ``backend``, ``rows``,
+    ``shape`` and ``comm_seconds`` (communication time per process).
 
     Args:
         preset: a preset name (``configs/registration/``) or a :class:`Pipeline`;
-            ``overrides`` its top-level keys (e.g. ``{"affine": None}``).
+            ``overrides`` its keys (e.g. ``{"affine": None}``).
         device: ``auto`` (``cuda:LOCAL_RANK`` when CUDA is available, else the CPU), ``cpu``, ``cuda``.
         backend: ``auto`` (NCCL on CUDA, gloo on the CPU), ``gloo`` or ``nccl``.
         timeout_min: how long a collective waits for a silent process before failing.
         margin: rows of the moving image held beyond what its displacements reach (grown on demand).
         profile: synchronise CUDA around communication calls so that their time is exact.
+        finish: called on process 0 with the record once every output is computed, before
+            ``register.json`` is written (e.g. to add warnings).
+        preset_name: the name recorded as ``preset`` (default: ``preset`` when it is a name).
     Returns:
         On process 0 the ``register.json`` record, elsewhere ``None``.
     Raises:
-        InputError / MissingFileError: bad input (on every process, the same line);
+        InputError / MissingFileError: bad input (on every process, the same line, marked by
+        :func:`everywhere`, when the check is a global one);
         :class:`~regkit.registration.slabs.SplitRunError`: another process died or stopped answering.
     """
     check_choice("output suffix", suffix, SUFFIXES)
     for name in outputs:
-        check_choice("output", name, OUTPUTS)
+        check_choice("output", name, OUTPUTS + EXTRAS)
     start = time.perf_counter()
     dev = resolve_device(device)
     created = setup(dev, backend, timeout_min)
@@ -401,14 +461,17 @@ def register_volumes_distributed(moving: PathLike, fixed: PathLike, out_dir: Pat
     temps: List[Tuple[Path, Path]] = []  # (temporary file, its final name), process 0
     try:
         with exit_on_sigterm():
-            record = _register(moving, fixed, out, preset, overrides, comm, outputs, suffix, margin, progress, temps,
-                               start)
+            record, stages = _register(moving, fixed, out, preset, overrides, comm, outputs, suffix, margin, progress,
+                                       temps, preset_name)
             comm.barrier()  # every process finished its part: the outputs are whole
             if comm.rank == 0:
                 for tmp, final in temps:
                     tmp.replace(final)
                 temps.clear()
-                record["seconds"]["total"] = time.perf_counter() - start
+                _write_extras(out, record, stages, outputs)
+                record["seconds_total"] = time.perf_counter() - start
+                if finish is not None:
+                    finish(record)
                 text = json.dumps(record, indent=1) + "\n"
                 tmp = out / ".register.json.tmp"  # (removed at the start of a later run if left here)
                 tmp.write_text(text)
@@ -420,11 +483,22 @@ def register_volumes_distributed(moving: PathLike, fixed: PathLike, out_dir: Pat
         cleanup(created)
 
 
+def _write_extras(out: Path, record: Dict[str, Any], stages: Sequence[StageRecord], names: Sequence[str]) -> None:
+    """Process 0, after the images: the affine as a world matrix and an ITK ``.tfm``, and the loss
+    curves, as :func:`regkit.inference.register_files` writes them (each atomically)."""
+    matrix = record.get("affine_matrix")
+    if matrix is not None and "affine_files" in names:
+        record["affine_files"] = {"world_matrix": str(write_matrix_txt(out / "affine.txt", np.asarray(matrix))),
+                                  "itk": str(write_itk_tfm(out / "affine.tfm", np.asarray(matrix)))}
+    if "loss_curve" in names and any(s.losses for s in stages) and plot_loss_curves(stages, out / "loss_curve.png") is not None:
+        record["loss_curve"] = str(out / "loss_curve.png")
+
+
 def _register(moving_path, fixed_path, out: Path, preset, overrides, comm: Comm, outputs, suffix, margin, progress,
-              temps: List[Tuple[Path, Path]], start: float) -> Dict[str, Any]:
+              temps: List[Tuple[Path, Path]], preset_name: Optional[str]) -> Tuple[Dict[str, Any], List[StageRecord]]:
     pipe = _pipeline(preset, overrides, progress)
     stage = pipe.deformable
-    moving, fixed = VolumeFile(moving_path), VolumeFile(fixed_path)
+    moving, fixed = on_every_process(comm, lambda: (VolumeFile(moving_path), VolumeFile(fixed_path)), "opening the scans")
     shape = fixed.shape
     on_rank_zero(comm, lambda: _prepare_folder(out))
     seconds: Dict[str, float] = {}
@@ -456,7 +530,8 @@ def _register(moving_path, fixed_path, out: Path, preset, overrides, comm: Comm,
     parts = split_rows(shape[-1], comm.world)
     lo, hi = result.rows
     u = whole_flow(result.flow, matrix, fixed.affine, shape, comm.device, (lo, hi))
-    arrays = _outputs(comm, u, result, moving, fixed, parts, outputs)
+    metrics: Dict[str, float] = {}
+    arrays = _outputs(comm, u, result, moving, fixed, parts, outputs, metrics)
     header = fixed.header if fixed.path.name.endswith((".nii", ".nii.gz")) else None
     written = {}
     for name, (own, intent, description) in arrays.items():
@@ -466,15 +541,23 @@ def _register(moving_path, fixed_path, out: Path, preset, overrides, comm: Comm,
         write_nifti_rows(comm, tmp, own, parts, shape, fixed.affine, header, intent, description)
         written[name] = str(final)
         del own
-    seconds["outputs"] = time.perf_counter() - t0
+    seconds_outputs = time.perf_counter() - t0
     comm_seconds = _gather_floats(comm, comm.seconds)
-    return {"moving": str(moving.path), "fixed": str(fixed.path),
-            "preset": preset if isinstance(preset, str) else "custom", "overrides": dict(overrides or {}),
-            "pipeline": pipe.spec(), "processes": comm.world, "device": str(comm.device),
-            "backend": dist.get_backend() if comm.split else None, "shape": list(shape),
-            "rows": [list(p) for p in parts], "matrix": None if matrix is None else matrix.tolist(),
-            "stages": [s.to_dict() for s in (affine_result.stages if affine_result else []) + result.stages],
-            "seconds": seconds, "comm_seconds": comm_seconds, "outputs": written}
+    stages = (affine_result.stages if affine_result else []) + result.stages
+    if preset_name is None:
+        preset_name = preset if isinstance(preset, str) else "custom"
+    # the keys of regkit.inference.register_files's record, then the split's own
+    record = {"checkpoint": None, "preset": preset_name, "pipeline": pipe.spec(), "moving": str(moving.path),
+              "fixed": str(fixed.path), "moving_label": None, "fixed_label": None, "label_mode": None,
+              "notes": ["the whole transformation (affine included) is flow_voxel/flow_mm"] if matrix is not None
+              else [], "device": str(comm.device), **metrics,
+              "stages": [s.to_dict() for s in stages], "seconds_per_stage": seconds,
+              "affine_matrix": None if matrix is None else matrix.tolist(), "warnings": [],
+              "outputs": written,
+              "processes": comm.world, "backend": dist.get_backend() if comm.split else None,
+              "overrides": dict(overrides or {}), "shape": list(shape), "rows": [list(p) for p in parts],
+              "seconds_outputs": seconds_outputs, "comm_seconds": comm_seconds}
+    return record, stages
 
 
 def _gather_floats(comm: Comm, value: float) -> List[float]:
@@ -483,9 +566,36 @@ def _gather_floats(comm: Comm, value: float) -> List[float]:
     return comm.all_reduce_(t, "sum").tolist()
 
 
+def split_jacobian_metrics(comm: Comm, det: Tensor) -> Dict[str, float]:
+    """:func:`regkit.metrics.jacobian_metrics` over the whole grid from this process's rows of the
+    Jacobian determinant (float64): the counts and the sums of ``log det J`` and of its squared
+    deviation from the global mean (two passes, as there) summed over the processes."""
+    det = det.reshape(-1)
+    positive = det > 0
+    logd = det[positive].log()
+    sums = torch.stack([torch.tensor(float(det.numel()), dtype=torch.float64, device=det.device),
+                        (det <= 0).sum().double(), positive.sum().double(), logd.sum()])
+    n, nonpos, m, total = comm.all_reduce_(sums, "sum").tolist()
+    mean = total / max(m, 1.0)
+    var = float(comm.all_reduce_(((logd - mean) ** 2).sum().reshape(1), "sum")) / max(m, 1.0)
+    return {"nonpos_jac_pct": 100 * nonpos / n if n > 0 else float("nan"),
+            "sdlogj": math.sqrt(var) if m > 0 else float("nan")}
+
+
+def _in_mm(field: Tensor, affine: np.ndarray) -> Tensor:
+    """A voxel displacement ``(1, 3, ...)`` in mm, world RAS: ``A @ u`` per voxel with ``A`` the 3×3
+    part of the affine, computed as :func:`regkit.inference.registration_outputs` computes it (NumPy,
+    float64), so that the values are the same bit for bit."""
+    u = field[0].double().cpu().permute(1, 2, 3, 0).numpy()
+    mm = u @ np.asarray(affine, np.float64)[:3, :3].T
+    return torch.from_numpy(np.ascontiguousarray(mm.transpose(3, 0, 1, 2), dtype=np.float32))[None]
+
+
 def _outputs(comm: Comm, u: Tensor, result: SlabResult, moving: VolumeFile, fixed: VolumeFile,
-             parts: Sequence[Tuple[int, int]], names: Sequence[str]) -> Dict[str, Tuple[Tensor, Optional[str], str]]:
-    """This process's rows of every output: ``(tensor (1, C, ..., rows), intent, description)``."""
+             parts: Sequence[Tuple[int, int]], names: Sequence[str],
+             metrics: Dict[str, float]) -> Dict[str, Tuple[Tensor, Optional[str], str]]:
+    """This process's rows of every output: ``(tensor (1, C, ..., rows), intent, description)``;
+    ``metrics`` gets the Jacobian metrics of the whole field (with ``jacdet``)."""
     shape = fixed.shape
     lo, hi = result.rows
     arrays: Dict[str, Tuple[Tensor, Optional[str], str]] = {}
@@ -498,17 +608,21 @@ def _outputs(comm: Comm, u: Tensor, result: SlabResult, moving: VolumeFile, fixe
     if "flow_voxel" in names:
         arrays["flow_voxel"] = (u, "vector", "displacement, voxels, axis k")
     if "flow_mm" in names:
-        a3 = torch.as_tensor(fixed.affine[:3, :3], dtype=torch.float64, device=u.device)
-        arrays["flow_mm"] = (torch.einsum("ij,bj...->bi...", a3, u.double()).float(), "vector",
-                             "displacement, mm, world RAS")
+        arrays["flow_mm"] = (_in_mm(u, fixed.affine), "vector", "displacement, mm, world RAS")
     if "jacdet" in names:
-        # central differences need one row of each neighbour
+        # central differences need one row of each neighbour; float64 as in one process
         need = [(max(0, a - 1), min(shape[-1], b + 1)) for a, b in parts]
         region = comm.redistribute(u, lo, parts, need)
-        det = jacobian_determinant(region)[:, None]
-        arrays["jacdet"] = (det.narrow(-1, lo - need[comm.rank][0], hi - lo).float().contiguous(), None,
-                            "Jacobian determinant of x+u(x)")
-    if "inverse_flow_voxel" in names and result.inverse_flow is not None:
-        arrays["inverse_flow_voxel"] = (result.inverse_flow.float(), "vector",
-                                        "inverse of the deformable displacement, voxels")
+        det = jacobian_determinant(region.double())[:, None].narrow(-1, lo - need[comm.rank][0], hi - lo)
+        del region
+        metrics.update(split_jacobian_metrics(comm, det))
+        arrays["jacdet"] = (det.float().contiguous(), None, "Jacobian determinant of x+u(x)")
+        del det
+    if result.inverse_flow is not None:
+        if "inverse_flow_voxel" in names:
+            arrays["inverse_flow_voxel"] = (result.inverse_flow.float(), "vector",
+                                            "inverse of the deformable part, voxels")
+        if "inverse_flow_mm" in names:
+            arrays["inverse_flow_mm"] = (_in_mm(result.inverse_flow, fixed.affine), "vector",
+                                         "inverse of the deformable part, mm RAS")
     return arrays

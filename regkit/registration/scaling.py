@@ -159,7 +159,8 @@ def launch(paths: Tuple[Path, Path], processes: int, preset: str, overrides: Dic
     run.rss_start_bytes = [int(f["rss_start"]) for f in figures]
     run.peak_bytes = [int(f["peak"]) for f in figures]
     run.memory_kind = figures[0]["kind"]
-    run.stage_seconds = {k: float(v) for k, v in record["seconds"].items()}
+    run.stage_seconds = {**{k: float(v) for k, v in record["seconds_per_stage"].items()},
+                         "outputs": float(record["seconds_outputs"]), "total": float(record["seconds_total"])}
     run.comm_seconds = [float(s) for s in record["comm_seconds"]]
     run.levels = [{"level": s["level"], "shape": s["shape"], "iterations": s["iterations"], "seconds": s["seconds"],
                    "comm_seconds": s.get("comm_seconds", 0.0), "halo": s.get("halo", 0)}
