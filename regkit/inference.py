@@ -17,6 +17,10 @@ written on the FIXED image's voxel grid with its affine and (NIfTI) header:
 
 Every input is read and checked, and every output computed, before the first file is written;
 each file is written atomically.
+
+Under torchrun (``WORLD_SIZE > 1``) ``regkit-register`` calls :func:`register_files_split`
+instead: one registration by optimisation split over the processes, the same files from process 0
+(docs/split_registration.md).
 """
 from __future__ import annotations
 
