@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import multiprocessing
+
 import torch.multiprocessing as mp
 
 from regkit.data.io import load_volume, save_nifti
@@ -43,6 +45,16 @@ from tests.test_registration_deformable import known_pair, smooth_field
 # one process (bit for bit); the bending energy is evaluated on the held rows and rescaled, which
 # rounds differently (float64 round-off, amplified a little by the iterations).
 BENDING_TOL = 1e-9
+
+
+def start(fn, args, nprocs):
+    """``fn(rank, *args)`` in ``nprocs`` new processes (joined; a failure raises here). They fork
+    from a server process that imported torch and regkit once (``forkserver``), not from this one
+    (whose OpenMP threads a fork would copy mid-use): each start costs a fork, not an import
+    (spawn where there is no forkserver)."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    multiprocessing.set_forkserver_preload([__name__])
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method=method)
 
 
 def free_port() -> int:
@@ -306,7 +318,7 @@ def test_two_processes_give_the_single_process_field_and_files(tmp_path):
              dict(preset=affine_pipeline(), device="cpu", progress=False)),
             # what regkit-register runs under torchrun: the preset's own affine stage included
             ("files", (None, other, paths[1], tmp_path / "two_cli"), CLI_RUN)]
-    mp.spawn(_split_worker, args=(2, free_port(), ["window9"], str(tmp_path), runs), nprocs=2, join=True)
+    start(_split_worker, (2, free_port(), ["window9"], str(tmp_path), runs), 2)
     _check_against_one_process(["window9"], 2, tmp_path)
 
     # an affine stage (process 0) and a moving scan on another grid, resampled by rows
@@ -385,7 +397,7 @@ def same_outputs(one, two, rows):
 
 def test_three_thin_slabs_give_the_single_process_field(tmp_path):
     names = ["window7_symmetric", "mse_coarse", "refine_tolerance"]
-    mp.spawn(_split_worker, args=(3, free_port(), names, str(tmp_path), []), nprocs=3, join=True)
+    start(_split_worker, (3, free_port(), names, str(tmp_path), []), 3)
     _check_against_one_process(names, 3, tmp_path)
 
 
