@@ -17,6 +17,10 @@ written on the FIXED image's voxel grid with its affine and (NIfTI) header:
 
 Every input is read and checked, and every output computed, before the first file is written;
 each file is written atomically.
+
+Under torchrun (``WORLD_SIZE > 1``) ``regkit-register`` calls :func:`register_files_split`
+instead: one registration by optimisation split over the processes, the same files from process 0
+(docs/split_registration.md).
 """
 from __future__ import annotations
 
@@ -31,11 +35,12 @@ import torch
 from regkit.data.io import Volume, atomic_write, check_output_folder, load_volume, save_nifti
 from regkit.data.module import affine_mismatch
 from regkit.data.resample import resample_to_grid, transform_points
-from regkit.device import resolve_device
+from regkit.device import env_world_size, launched_by_torchrun, resolve_device
 from regkit.errors import InputError, check_choice
 from regkit.metrics import LABEL_MODES, dice, jacobian_metrics, resolve_labels, sample_labels
 from regkit.predictor import INTENSITY_POLICIES, SHAPE_POLICIES, Predictor
 from regkit.registration.affine import AffineRegistration
+from regkit.registration.distributed import everywhere, register_volumes_distributed
 from regkit.registration.pipeline import Pipeline, list_presets, load_preset, plot_loss_curves, whole_flow
 from regkit.registration.result import StageRecord
 from regkit.registration.tfm import write_itk_tfm, write_matrix_txt
@@ -318,12 +323,12 @@ def register_files(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_
                    stages, seconds, start)
 
 
-def _register_by_optimisation(moving, fixed, out_dir, moving_label, fixed_label, label_mode, labels, device,
-                              progress, preset: str, affine: Optional[str],
-                              preset_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """``register_files`` without a network: a registration preset's :class:`~regkit.registration.Pipeline`
-    on the raw scans (any grids and orientations; the affine stage first unless told otherwise)."""
-    start = time.perf_counter()
+def optimisation_pipeline(preset: str, affine: Optional[str], preset_overrides: Optional[Dict[str, Any]], device,
+                          progress: bool) -> Pipeline:
+    """The :class:`~regkit.registration.Pipeline` ``regkit-register`` runs without a network: the
+    registration ``preset`` with its ``preset_overrides``, its affine stage replaced by the
+    ``affine`` preset (or removed by ``"none"``) when given; an affine preset on its own becomes a
+    pipeline without a deformable stage."""
     stage = load_preset(preset, **dict(preset_overrides or {}))
     if isinstance(stage, Pipeline):
         pipeline = stage
@@ -335,6 +340,16 @@ def _register_by_optimisation(moving, fixed, out_dir, moving_label, fixed_label,
         pipeline = Pipeline(affine=stage, deformable=None, device=device, progress=progress)
     else:
         raise InputError(f"preset '{preset}' builds a {type(stage).__name__}, not a registration pipeline or stage")
+    return pipeline
+
+
+def _register_by_optimisation(moving, fixed, out_dir, moving_label, fixed_label, label_mode, labels, device,
+                              progress, preset: str, affine: Optional[str],
+                              preset_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``register_files`` without a network: a registration preset's :class:`~regkit.registration.Pipeline`
+    on the raw scans (any grids and orientations; the affine stage first unless told otherwise)."""
+    start = time.perf_counter()
+    pipeline = optimisation_pipeline(preset, affine, preset_overrides, device, progress)
     mov, fix, mlab, flab = load_inputs(moving, fixed, moving_label, fixed_label, ndim=None)
     if mov.data.ndim != fix.data.ndim:
         raise InputError(f"{moving} is {mov.data.ndim}-D but {fixed} is {fix.data.ndim}-D; register images of one "
@@ -374,3 +389,63 @@ def _finish(out_dir, fix: Volume, mov: Volume, flow, voxel_map, record, mlab, fl
     if any(s.losses for s in stages) and plot_loss_curves(stages, out / "loss_curve.png") is not None:
         record["loss_curve"] = str(out / "loss_curve.png")
     return write_outputs(out_dir, fix, arrays, record)
+
+
+# -- one registration split over processes (torchrun) ---------------------------------------------
+# register_files options a split run refuses, as their command-line names: a network's prediction
+# is not split, and the label outputs are not computed by slabs.
+SPLIT_REFUSED = {"checkpoint": "a checkpoint (CKPT MOVING FIXED)", "refine": "--refine",
+                 "finetune_steps": "--finetune-steps", "moving_label": "--moving-label", "fixed_label": "--fixed-label"}
+
+
+def split_launch() -> bool:
+    """True in a process that torchrun started as one of several (``WORLD_SIZE > 1``): there
+    ``regkit-register`` runs :func:`register_files_split`."""
+    return launched_by_torchrun()
+
+
+def register_files_split(checkpoint, moving, fixed, out_dir, moving_label=None, fixed_label=None,
+                         device: str = "auto", progress: bool = True, preset: Optional[str] = None,
+                         affine: Optional[str] = None, refine: int = 0, finetune_steps: int = 0,
+                         preset_overrides: Optional[Dict[str, Any]] = None,
+                         timeout_min: float = 30.0) -> Optional[Dict[str, Any]]:
+    """:func:`register_files` by optimisation, split over the processes torchrun started (slabs of
+    the fixed grid, :func:`regkit.registration.distributed.register_volumes_distributed`; gloo on
+    the CPU, NCCL on ``cuda:LOCAL_RANK``). Every process calls it with the same arguments;
+    process 0 writes the files one process writes for the same preset (the same names and
+    headers, the field equal to one process's): ``warped``, ``flow_voxel``, ``flow_mm``,
+    ``jacdet``, ``inverse_flow_voxel`` / ``inverse_flow_mm`` (when the preset computes an
+    inverse), ``affine.txt`` / ``affine.tfm`` (with an affine stage), ``loss_curve.png`` and
+    ``register.json`` (the same keys, plus the processes, their rows and communication times).
+
+    A checkpoint, ``refine``, ``finetune_steps`` and label maps are refused in one line
+    (:data:`SPLIT_REFUSED`), as is a preset without a deformable stage (``affine``). Bad input is
+    raised on every process, marked so that a command line prints it once
+    (:func:`regkit.registration.distributed.everywhere`).
+
+    Returns:
+        On process 0 the record saved as ``register.json``, elsewhere ``None``.
+    """
+    try:
+        given = {"checkpoint": checkpoint is not None, "refine": bool(refine), "finetune_steps": bool(finetune_steps),
+                 "moving_label": moving_label is not None, "fixed_label": fixed_label is not None}
+        for key, name in SPLIT_REFUSED.items():
+            if given[key]:
+                raise InputError(f"{name} is not supported by a registration split over processes (torchrun, "
+                                 f"WORLD_SIZE={env_world_size()}); run it in one process")
+        presets = list_presets()
+        if preset is not None:
+            check_choice("registration preset", preset, presets)
+        if affine is not None and affine != "none":
+            check_choice("affine preset", affine, presets)
+        check_output_folder(out_dir)
+        pipeline = optimisation_pipeline(preset or "accurate", affine, preset_overrides, device, progress)
+    except Exception as exc:
+        raise everywhere(exc)
+
+    def finish(record: Dict[str, Any]) -> None:
+        record["warnings"] = sanity_warnings(record)
+
+    return register_volumes_distributed(moving, fixed, out_dir, preset=pipeline, device=device,
+                                        timeout_min=timeout_min, progress=progress, finish=finish,
+                                        preset_name=preset or "accurate")

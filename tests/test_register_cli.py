@@ -3,6 +3,10 @@ network (affine, then diffeomorphic), and with a network plus an affine stage an
 refinement. The whole transformation is one field: sampling the moving scan through its own
 header at A_fixed (x + u(x)) gives warped.nii.gz."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +20,8 @@ from regkit.cli import register as register_cli
 from regkit.data.synthetic import make_subject, make_template
 from regkit.inference import register_files
 from regkit.registration.tfm import read_itk_tfm, read_matrix_txt
+from tests.conftest import ROOT
+from tests.test_registration_split import free_port, same_outputs
 
 SHAPE = (40, 44, 36)
 # fixed: LIA, 1.2 mm; moving: RAS, 1.5 mm, another size (the same anatomy moved by a known affine)
@@ -185,3 +191,85 @@ def test_network_with_an_affine_stage_and_field_level_refinement(tmp_path, scans
     u = nib.load(str(tmp_path / "refined" / "flow_voxel.nii.gz")).get_fdata()[:, :, :, 0, :]
     warped = nib.load(str(tmp_path / "refined" / "warped.nii.gz")).get_fdata()
     np.testing.assert_allclose(_resample_through_header(scans["moving"], FIXED_AFFINE, u), warped, atol=1e-3)
+
+
+# -- the same command line under torchrun: one registration split over processes ---------------------
+SPLIT_SET = ["--set", "deformable.iterations=[6,4]", "--set", "deformable.levels=[2,1]", "--device", "cpu"]
+
+
+def _torchrun_env(rank, world, port):
+    """The environment torchrun gives each process it starts (its env contract)."""
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _one_process_reference(scans, out, capsys):
+    """``regkit-register`` in this process, on one thread as each split process runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert register_cli.main([str(scans["moving"]), str(scans["fixed"]), "-o", str(out), "--preset", "accurate",
+                                  *SPLIT_SET]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_write_the_files_of_one(tmp_path, scans, capsys):
+    """Two processes started with torchrun's environment (``python -m regkit.cli.register``); the
+    fast suite checks the same through register_files_split in
+    tests/test_registration_split.py::test_two_processes_give_the_single_process_field_and_files."""
+    _one_process_reference(scans, tmp_path / "one", capsys)
+    port = free_port()
+    cmd = [sys.executable, "-m", "regkit.cli.register", str(scans["moving"]), str(scans["fixed"]), "-o",
+           str(tmp_path / "two"), "--preset", "accurate", *SPLIT_SET]
+    procs = [subprocess.Popen(cmd, env=_torchrun_env(rank, 2, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert "split over 2 processes (gloo)" in results[0][0] and "flow_voxel" in results[0][0]
+    assert results[1] == ("", "")  # the other process prints nothing
+    same_outputs(tmp_path / "one", tmp_path / "two", [[0, 18], [18, 36]])
+
+
+@pytest.mark.parametrize("extra,option", [(["--refine", "5"], "--refine"),
+                                          (["--finetune-steps", "2"], "--finetune-steps"),
+                                          (["--moving-label", "L"], "--moving-label"),
+                                          (["--fixed-label", "L"], "--fixed-label"),
+                                          (["CKPT"], "a checkpoint")])
+def test_options_a_split_run_cannot_take_are_refused_once(tmp_path, scans, capsys, monkeypatch, extra, option):
+    inputs = [str(scans["moving"]), str(scans["fixed"])]
+    args = ["CKPT", *inputs] if extra == ["CKPT"] else [*inputs, *extra]
+    monkeypatch.setattr(regkit.cli, "RANK_ZERO_GRACE_S", 0.0)
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(SystemExit) as exit_:
+            register_cli.main([*args, "-o", str(tmp_path / "out"), "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2
+        if rank == 0:  # one line naming the option, no traceback
+            assert len(err) == 1 and err[0].startswith(f"regkit: error: {option}") and "torchrun" in err[0], err
+        else:  # process 0 prints it
+            assert err == []
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_around_regkit_register_writes_the_files_of_one_process(tmp_path, scans, capsys):
+    """The documented command: ``torchrun --nproc_per_node=2 --no-python regkit-register ...``."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "torchrun").exists() or not (bin_dir / "regkit-register").exists():
+        pytest.skip("torchrun or regkit-register is not installed next to this Python")
+    _one_process_reference(scans, tmp_path / "one", capsys)
+    cmd = [str(bin_dir / "torchrun"), "--nproc_per_node=2", "--master-port", str(free_port()), "--no-python",
+           str(bin_dir / "regkit-register"), str(scans["moving"]), str(scans["fixed"]), "-o", str(tmp_path / "two"),
+           "--preset", "accurate", *SPLIT_SET]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("split over 2 processes") == 1
+    same_outputs(tmp_path / "one", tmp_path / "two", [[0, 18], [18, 36]])

@@ -2,8 +2,11 @@
 
     regkit-register moving.nii.gz fixed.nii.gz -o out/ [--preset accurate|fast|affine]     # by optimisation
     regkit-register CKPT moving.nii.gz fixed.nii.gz -o out/ [--affine affine] [--refine 50]  # with a network
+    torchrun --nproc_per_node=4 --no-python regkit-register moving.nii.gz fixed.nii.gz -o out/ --preset accurate
 
-Only parses the command line; :func:`regkit.inference.register_files` does the work.
+Only parses the command line; :func:`regkit.inference.register_files` does the work, or, in a
+process torchrun started as one of several (``WORLD_SIZE > 1``), :func:`regkit.inference.register_files_split`
+(one registration split over the processes; process 0 writes the same files).
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from typing import Optional, Sequence
 
 import yaml
 
-from regkit.cli import exit_on_user_error
-from regkit.inference import MOVING_GRIDS, register_files
+from regkit.cli import exit_on_user_error, exit_quietly_after_rank_zero
+from regkit.device import env_rank
+from regkit.inference import MOVING_GRIDS, register_files, register_files_split, split_launch
 from regkit.metrics import LABEL_MODES
 from regkit.predictor import INTENSITY_POLICIES, SHAPE_POLICIES
 
@@ -27,7 +31,10 @@ def parser() -> argparse.ArgumentParser:
                     "then diffeomorphic, --preset) or with a trained regkit checkpoint (three arguments: CKPT "
                     "MOVING FIXED). Outputs (on the fixed grid, with the fixed affine and header): warped, "
                     "flow_voxel, flow_mm (the whole transformation, affine included), jacdet[, warped_label]"
-                    "[, inverse_flow_*][, affine.txt, affine.tfm], loss_curve.png, register.json.")
+                    "[, inverse_flow_*][, affine.txt, affine.tfm], loss_curve.png, register.json. Under torchrun "
+                    "(WORLD_SIZE > 1) one registration by optimisation is split over the processes (slabs of the "
+                    "fixed grid) and process 0 writes the same files (no checkpoint, --refine, --finetune-steps or "
+                    "label maps there).")
     p.add_argument("inputs", nargs="+", metavar="[CKPT] MOVING FIXED",
                    help="the moving and fixed scans, after a checkpoint when a network should register them")
     p.add_argument("-o", "--out", required=True, help="output folder")
@@ -51,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", type=int, default=0,
                    help="with a checkpoint: field-level instance optimisation of its prediction, N iterations")
     p.add_argument("--device", default="auto")
+    p.add_argument("--timeout-min", type=float, default=30.0,
+                   help="under torchrun (a split registration): how long a process waits for a silent one before "
+                        "stopping (default 30)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="instance optimisation: adapt the network to this pair first (Adam steps on the "
                         "training loss, images only; default 0 = off)")
@@ -83,8 +93,12 @@ def parse_sets(items, p: argparse.ArgumentParser):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
+    split = split_launch()
+    if split and env_rank() != 0:
+        p.error = lambda message: exit_quietly_after_rank_zero(2)  # a usage error: process 0 prints it
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # under torchrun the other processes print errors only
+    logging.basicConfig(level=logging.INFO if env_rank() == 0 else logging.ERROR, format="%(message)s")
     labels = parse_labels(args.labels, p)
     if len(args.inputs) not in (2, 3):
         p.error(f"give MOVING FIXED (optimisation) or CKPT MOVING FIXED (a network), got {len(args.inputs)} "
@@ -94,10 +108,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     @exit_on_user_error
     def run():
-        r = register_files(checkpoint, moving, fixed, args.out, args.moving_label, args.fixed_label,
-                           args.shape_policy, args.moving_grid, args.label_mode, labels, args.device,
-                           args.finetune_steps, args.finetune_lr, intensity=args.intensity, preset=args.preset,
-                           affine=args.affine, refine=args.refine, preset_overrides=parse_sets(args.preset_set, p))
+        if split:
+            r = register_files_split(checkpoint, moving, fixed, args.out, args.moving_label, args.fixed_label,
+                                     args.device, preset=args.preset, affine=args.affine, refine=args.refine,
+                                     finetune_steps=args.finetune_steps,
+                                     preset_overrides=parse_sets(args.preset_set, p), timeout_min=args.timeout_min)
+            if r is None:  # not process 0
+                return
+            print(f"split over {r['processes']} processes ({r['backend']}), rows of the last axis: "
+                  f"{', '.join(f'{a}-{b}' for a, b in r['rows'])}")
+        else:
+            r = register_files(checkpoint, moving, fixed, args.out, args.moving_label, args.fixed_label,
+                               args.shape_policy, args.moving_grid, args.label_mode, labels, args.device,
+                               args.finetune_steps, args.finetune_lr, intensity=args.intensity, preset=args.preset,
+                               affine=args.affine, refine=args.refine, preset_overrides=parse_sets(args.preset_set, p))
         if r.get("finetune"):
             f = r["finetune"]
             print(f"instance optimisation: {f['steps']} steps, loss {f['loss_first']:.4f} -> {f['loss_final']:.4f} "

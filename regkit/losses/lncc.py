@@ -120,14 +120,28 @@ class _LNCCBase(nn.Module):
 
     @computes_in_float32
     def forward(self, warped: Tensor, fixed: Tensor) -> Tensor:
+        cc = self.voxel_cc(warped, fixed)
+        # sum / count is the mean bit for bit; its backward hands on a broadcast view, not a map
+        return -(cc.sum() / cc.numel())
+
+    @computes_in_float32
+    def voxel_cc(self, warped: Tensor, fixed: Tensor, shift: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """The per-voxel ``cc`` ``(B * C, 1, *spatial)`` whose mean is minus the loss, differentiable
+        (for sums over part of the volume, e.g. one slab of a split registration).
+
+        ``shift``: ``lncc_fast``'s constants ``(c_I, c_J)``, ``(B * C, 1, 1, ...)`` each, subtracted
+        before its window sums (default: each image's minimum; see :class:`_FastLNCCFunction`).
+        The value depends on them only through rounding; a slab passes the whole volume's
+        minima to round as the whole volume does. The other forms do not shift."""
         ndim = check_image_pair(warped, fixed, type(self).__name__)
         # Each channel is its own single-channel image.
         b, c = warped.shape[:2]
         i = warped.reshape(b * c, 1, *warped.shape[2:])
         j = fixed.reshape(b * c, 1, *fixed.shape[2:])
-        return self.compute(i, j, ndim)
+        return self.compute(i, j, ndim, shift)
 
-    def compute(self, i: Tensor, j: Tensor, ndim: int) -> Tensor:
+    def compute(self, i: Tensor, j: Tensor, ndim: int, shift: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """Per-voxel ``cc`` of ``(N, 1, *spatial)`` images."""
         raise NotImplementedError
 
 
@@ -135,22 +149,22 @@ class _LNCCBase(nn.Module):
 class LNCC(_LNCCBase):
     """LNCC with five sequential box convolutions (the VoxelMorph/TransMorph reference)."""
 
-    def compute(self, i: Tensor, j: Tensor, ndim: int) -> Tensor:
+    def compute(self, i: Tensor, j: Tensor, ndim: int, shift: Optional[Sequence[Tensor]] = None) -> Tensor:
         conv = F.conv2d if ndim == 2 else F.conv3d
         k, pad = self.kernel(ndim, i), self.window // 2
         sums = [conv(x, k, padding=pad) for x in (i, j, i * i, j * j, i * j)]
-        return -cc_from_sums(*sums, n=self.window ** ndim, eps=self.eps).mean()
+        return cc_from_sums(*sums, n=self.window ** ndim, eps=self.eps)
 
 
 @LOSSES.register(name="lncc_group")
 class LNCCGroup(_LNCCBase):
     """LNCC with one grouped convolution over ``cat(I, J, I², J², IJ)`` (FastLNCC Alg. 2)."""
 
-    def compute(self, i: Tensor, j: Tensor, ndim: int) -> Tensor:
+    def compute(self, i: Tensor, j: Tensor, ndim: int, shift: Optional[Sequence[Tensor]] = None) -> Tensor:
         conv = F.conv2d if ndim == 2 else F.conv3d
         stacked = torch.cat([i, j, i * i, j * j, i * j], dim=1)
         sums = conv(stacked, self.kernel(ndim, i, out_channels=5), padding=self.window // 2, groups=5)
-        return -cc_from_sums(*sums.unbind(1), n=self.window ** ndim, eps=self.eps).mean()
+        return cc_from_sums(*sums.unbind(1), n=self.window ** ndim, eps=self.eps)
 
 
 def _shell_boxes(spatial: Sequence[int], r: int):
@@ -245,7 +259,8 @@ class _PaddedMap:
 
 
 class _FastLNCCFunction(torch.autograd.Function):
-    """-mean(cc) from separable box filters of shifted images, with a hand-written backward.
+    """The per-voxel ``cc`` map from separable box filters of shifted images, with a hand-written
+    backward (the loss is ``-mean(cc)``, taken by :class:`LNCCFast`).
 
     ``i, j``: ``(N, 1, *spatial)``. The images are shifted, ``I' = I - c_I`` with ``c_I`` the
     minimum of each image (a constant). Each of the five maps ``I', J', I'², J'², I'J'`` is
@@ -270,17 +285,20 @@ class _FastLNCCFunction(torch.autograd.Function):
     ``cross²`` by ``P``; only rounding can break it), so ``0 <= cc < 1``.
 
     Backward: the zero-padded box filter's adjoint is itself, so ``d loss / d I`` is three
-    box-filtered maps of per-voxel derivatives (five when both inputs need gradients).
+    box-filtered maps of per-voxel derivatives (five when both inputs need gradients), weighted
+    by the incoming ``d loss / d cc`` (a broadcast scalar for a mean or a sum: no extra map).
     Saves the inputs, their shifts and the five per-voxel statistics.
     """
 
     @staticmethod
-    def forward(ctx, i: Tensor, j: Tensor, window: int, eps: float) -> Tensor:
+    def forward(ctx, i: Tensor, j: Tensor, window: int, eps: float, c_i: Optional[Tensor] = None,
+                c_j: Optional[Tensor] = None) -> Tensor:
         dims = list(range(2, i.dim()))
         spatial = i.shape[2:]
         n = window ** len(dims)
         # Shifts as constants: the result does not depend on them, so no gradient flows.
-        c_i, c_j = i.amin(dim=dims, keepdim=True), j.amin(dim=dims, keepdim=True)
+        if c_i is None or c_j is None:
+            c_i, c_j = i.amin(dim=dims, keepdim=True), j.amin(dim=dims, keepdim=True)
         ic, jc = i - c_i, j - c_j
         stats = i.new_empty(i.shape[0], 5, *spatial)
         # (a, b, S_I'I', S_J'J', S_I'J') -> becomes (a, b, var_I, var_J, cross) in place below
@@ -308,21 +326,20 @@ class _FastLNCCFunction(torch.autograd.Function):
             del noise
         prod = var_i * var_j
         cc = torch.minimum(cross * cross, prod).div_(prod.add_(eps))
-        loss = cc.mean().neg()
         ctx.save_for_backward(i, j, c_i, c_j, stats)
         ctx.window, ctx.eps = window, eps
-        return loss
+        return cc
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_cc: Tensor):
         i, j, c_i, c_j, stats = ctx.saved_tensors
         need_i, need_j = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_i or need_j):
-            return None, None, None, None
+            return None, None, None, None, None, None
         w = ctx.window
         n = w ** (i.dim() - 2)
         a, b, var_i, var_j, cross = stats.split(1, dim=1)
-        g = grad_out / -i.numel()  # d loss / d cc per voxel
+        g = grad_cc  # d loss / d cc per voxel
         prod = var_i * var_j
         inv = prod.add(ctx.eps).reciprocal_()
         sq = cross * cross
@@ -332,7 +349,7 @@ class _FastLNCCFunction(torch.autograd.Function):
         #   d cc / d P = -cc / (P + eps) where cross² <= P, else (1 - cc) / (P + eps).
         d_prod = torch.minimum(sq, prod, out=sq).mul_(inv).neg_().add_(~bounded).mul_(inv).mul_(g)
         del prod, sq
-        g_cross = (cross * inv).mul_(2 * g).masked_fill_(~bounded, 0)
+        g_cross = (cross * inv).mul_(g).mul_(2).masked_fill_(~bounded, 0)
         del inv, bounded
         ic, jc = i - c_i, j - c_j
         pad = _PaddedMap(i, w)
@@ -355,7 +372,7 @@ class _FastLNCCFunction(torch.autograd.Function):
             grads[0].addcmul_(jc, back_cross)
         if need_j:
             grads[1].addcmul_(ic, back_cross)
-        return grads[0], grads[1], None, None
+        return grads[0], grads[1], None, None, None, None
 
 
 @LOSSES.register(name="lncc_fast")
@@ -367,5 +384,6 @@ class LNCCFast(_LNCCBase):
     float32.
     """
 
-    def compute(self, i: Tensor, j: Tensor, ndim: int) -> Tensor:
-        return _FastLNCCFunction.apply(i, j, self.window, self.eps)
+    def compute(self, i: Tensor, j: Tensor, ndim: int, shift: Optional[Sequence[Tensor]] = None) -> Tensor:
+        c_i, c_j = (None, None) if shift is None else shift
+        return _FastLNCCFunction.apply(i, j, self.window, self.eps, c_i, c_j)

@@ -24,6 +24,12 @@ initial field at the first). Both image pyramids and the loss module are built o
 ``inverse=True`` also returns the inverse field, ``x + w(x)`` with ``w(y) = -u(y + w(y))``,
 solved by fixed-point iteration (the inverse of a small-Lipschitz displacement is its fixed
 point).
+
+Every level runs on a slab of the grid (:mod:`regkit.registration.slabs`): one process holds the
+whole grid (:meth:`DeformableRegistration.register`); under ``torchrun`` each process holds one
+slab along the last axis plus a halo (:meth:`DeformableRegistration.run`,
+:mod:`regkit.registration.distributed`), with the same steps, the loss and the global maxima
+reduced over the processes and the halo refreshed after each update.
 """
 from __future__ import annotations
 
@@ -37,10 +43,15 @@ from tqdm.auto import tqdm
 
 from regkit.errors import InputError
 from regkit.losses.registry import create_loss
-from regkit.registration.pyramid import image_pyramid, level_shape
+from regkit.registration.pyramid import level_shape
 from regkit.registration.result import DeformableResult, StageRecord
-from regkit.registration.smoothing import gaussian_smooth
-from regkit.spatial import compose_flows, resize_flow, warp
+from regkit.registration.slabs import (Comm, ImageRegion, RowSource, Slab, SlabResult, SplitLoss, TensorRows,
+                                       compose_rows, field_rows, invert_rows, source_field_rows, split_rows)
+from regkit.registration.smoothing import gaussian_smooth, kernel_radius
+from regkit.spatial import warp
+
+# Gaussian half-width in sigmas of the update and field smoothing (as FireANTs' gaussian_1d(truncated=2)).
+TRUNCATE = 2.0
 
 
 def check_pair(moving: Tensor, fixed: Tensor, what: str = "registration") -> int:
@@ -105,12 +116,10 @@ def build_terms(loss: str, loss_kwargs: Optional[Mapping[str, Any]], regularizer
 def invert_flow(flow: Tensor, iterations: int = 30) -> Tensor:
     """Inverse of ``x + flow(x)`` as a displacement ``w`` (voxels): the fixed point of
     ``w(y) = -flow(y + w(y))``, iterated ``iterations`` times from ``-flow``. Converges when
-    the displacement's Lipschitz constant is below 1 (smooth diffeomorphic fields)."""
-    with torch.no_grad():
-        w = -flow
-        for _ in range(iterations):
-            w = -warp(flow, w, padding_mode="border")
-    return w
+    the displacement's Lipschitz constant is below 1 (smooth diffeomorphic fields).
+    (:func:`regkit.registration.slabs.invert_rows` on one process holding the whole field.)"""
+    n = flow.shape[-1]
+    return invert_rows(Comm.single(flow.device), flow, [(0, n)], n, iterations)
 
 
 def per_level(value, n: int, what: str) -> List:
@@ -142,7 +151,7 @@ class GreedyOptimizer:
     steps 2-4). State lives on the field's device and dtype."""
 
     def __init__(self, shape, like: Tensor, step: float, grad_sigma: float, field_sigma: float,
-                 beta1: float, beta2: float, eps: float = 1e-8, truncate: float = 2.0,
+                 beta1: float, beta2: float, eps: float = 1e-8, truncate: float = TRUNCATE,
                  max_jacobian: float = 0.9) -> None:
         self.m = like.new_zeros(shape)
         self.v = like.new_zeros(shape)
@@ -153,8 +162,13 @@ class GreedyOptimizer:
         self.beta1, self.beta2, self.eps, self.truncate = beta1, beta2, eps, truncate
 
     @torch.no_grad()
-    def update(self, u: Tensor, grad: Tensor) -> Tensor:
-        """The new field ``(1, ndim, *s)`` after one greedy step along ``-grad``."""
+    def update(self, u: Tensor, grad: Tensor, slab: Optional[Slab] = None) -> Tensor:
+        """The new field ``(1, ndim, *s)`` after one greedy step along ``-grad``.
+
+        ``slab``: ``u`` and ``grad`` hold that slab's rows (the moments too); the longest vector
+        and the Lipschitz bound are then maxima over the owned voxels of all processes, and the
+        result is exact on the owned rows (the caller refreshes the halo). ``None``: the whole grid."""
+        whole = slab is None or slab.whole
         self.t += 1
         self.m.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
         self.v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
@@ -165,17 +179,20 @@ class GreedyOptimizer:
         if self.grad_sigma > 0:
             d = gaussian_smooth(d, self.grad_sigma, truncate=self.truncate)
         # The longest update vector is `step` voxels (scaled down only, never up).
-        longest = d.square().sum(1).amax().sqrt()
+        longest = (d if whole else slab.own_view(d)).square().sum(1).amax()
+        if not whole:
+            slab.comm.all_reduce_(longest, "max")
+        longest = longest.sqrt()
         scale = -self.step / torch.clamp(longest, min=1.0)
         s = d.mul_(scale)
         if self.max_jacobian > 0:
             # id + s is invertible when s is a contraction (Lipschitz < 1). The bound
             # sqrt(sum_j max_x |d s / d x_j|^2) (forward differences) exceeds the largest
             # Frobenius norm of its Jacobian, hence its operator norm: cap it (no host sync).
-            bound = lipschitz_bound(s)
+            bound = lipschitz_bound(s) if whole else slab.lipschitz_bound(s)
             self.capped += (bound > self.max_jacobian).long()
             s.mul_(torch.clamp(self.max_jacobian / bound.clamp_min(1e-12), max=1.0))
-        new = s + warp(u, s, padding_mode="border")
+        new = s + (warp(u, s, padding_mode="border") if whole else slab.sample(u, s))
         if self.field_sigma > 0:
             new = gaussian_smooth(new, self.field_sigma, truncate=self.truncate)
         return new
@@ -252,15 +269,23 @@ class DeformableRegistration:
         self.progress = progress
         self.name = name
 
-    # -- the loss of one level ------------------------------------------------------------------
-    def _loss(self, moving: Tensor, fixed: Tensor, u: Tensor, u_fixed: Optional[Tensor] = None) -> Tensor:
-        """Similarity of the warped pair plus the weighted regularisers of every field."""
-        target = fixed if u_fixed is None else warp(fixed, u_fixed)
-        total = self.similarity(warp(moving, u), target)
-        for _, weight, term in self.regularizers:
-            for field in (u,) if u_fixed is None else (u, u_fixed):
-                total = total + weight * term(field)
-        return total
+    # -- slabs ----------------------------------------------------------------------------------
+    def split_loss(self) -> SplitLoss:
+        return SplitLoss(self.similarity, self.regularizers)
+
+    def halo(self, li: int) -> int:
+        """Rows a process holds beyond its own on each side at level ``li`` of a split run: the
+        dependency radius of one iteration, so that its owned rows come out exact. With ``ρ`` the
+        loss gradient's reach (:class:`~regkit.registration.slabs.SplitLoss`: ``2 · (window // 2)``
+        for LNCC, 1 or 2 for the regularisers), ``r_g`` and ``r_f`` the Gaussian radii of the update
+        and field smoothing: the gradient is exact ``ρ`` rows inside the held rows, the smoothed
+        update ``ρ + r_g`` rows inside and it is needed one row beyond the owned ones (the forward
+        differences of the Lipschitz bound) and ``r_f`` rows beyond them (the field smoothing);
+        composing with the field reads it within one voxel."""
+        rho = self.split_loss().radius or 0
+        rg = kernel_radius(self.grad_sigma[li], TRUNCATE)
+        rf = kernel_radius(self.field_sigma[li], TRUNCATE)
+        return max(rho + rg + max(rf, 1), rf + 1)
 
     def __call__(self, moving: Tensor, fixed: Tensor, init_flow: Optional[Tensor] = None) -> DeformableResult:
         return self.register(moving, fixed, init_flow)
@@ -279,85 +304,140 @@ class DeformableRegistration:
         check_init_flow(init_flow, fixed, self.name)
         dtype = torch.float64 if fixed.dtype == torch.float64 else torch.float32
         moving, fixed = moving.to(dtype), fixed.to(dtype)
-        full = list(fixed.shape[2:])
+        init = None if init_flow is None else TensorRows(init_flow.to(dtype))
+        out = self.run(TensorRows(moving), TensorRows(fixed), Comm.single(fixed.device), init)
+        return DeformableResult(flow=out.flow, inverse_flow=out.inverse_flow, stages=out.stages)
+
+    def run(self, moving: RowSource, fixed: RowSource, comm: Comm, init: Optional[RowSource] = None,
+            margin: int = 8) -> SlabResult:
+        """The registration on this process's slabs (the whole grid for one process).
+
+        Args:
+            moving, fixed: the images on the fixed grid, readable by rows of the last axis
+                (:class:`~regkit.registration.slabs.RowSource`; finite, checked by the caller).
+            comm: the processes (:class:`~regkit.registration.slabs.Comm`); every process calls
+                ``run`` with the same settings and sources of the same volumes.
+            init: optional starting displacement (full resolution, voxels).
+            margin: rows of the moving image held beyond the positions its samples reach at the
+                start of a level (doubled whenever the positions come closer to its edge).
+        Returns:
+            :class:`~regkit.registration.slabs.SlabResult`: this process's rows of the field.
+        """
+        full = [int(s) for s in fixed.shape]
+        if [int(s) for s in moving.shape] != full:
+            raise InputError(f"{self.name}: moving {tuple(moving.shape)} and fixed {tuple(full)} must be on one grid")
+        dtype = torch.float64 if fixed.dtype == torch.float64 else torch.float32
+        device = comm.device
         shapes = [level_shape(full, f) for f in self.levels]
-        fixed_pyr = image_pyramid(fixed, shapes, self.antialias)
-        moving_pyr = image_pyramid(moving, shapes, self.antialias)
-        similarity = self.similarity.to(fixed.device)
-        self.similarity = similarity
+        for factor, shape in zip(self.levels, shapes):
+            split_rows(shape[-1], comm.world, f"{self.name}: pyramid level {factor:g} ({'x'.join(map(str, shape))})")
+        self.similarity = self.similarity.to(device)
+        loss = self.split_loss()
+        if comm.split:
+            loss.check_split(self.name)
+            comm.barrier()  # every process arrived (NCCL wants a collective of all before point-to-point calls)
         ndim = len(full)
 
         # One field (moving -> fixed), or two half-way fields in symmetric mode (index 0 warps
-        # the moving image, index 1 the fixed image).
-        fields: List[Optional[Tensor]] = [None, None] if self.symmetric else [None]
+        # the moving image, index 1 the fixed image); each process keeps its owned rows between levels.
+        owned: List[Optional[Tensor]] = [None, None] if self.symmetric else [None]
+        prev: Optional[Slab] = None
         records: List[StageRecord] = []
-        bar = tqdm(total=sum(self.iterations), desc=self.name, disable=not self.progress, leave=False)
+        bar = tqdm(total=sum(self.iterations), desc=self.name, disable=not self.progress or comm.rank != 0,
+                   leave=False)
         try:
             for li, (factor, shape) in enumerate(zip(self.levels, shapes)):
-                start = time.perf_counter()
-                for k, u in enumerate(fields):
-                    if u is None:
-                        u = (resize_flow(init_flow.to(dtype), shape) if init_flow is not None and k == 0
-                             else fixed.new_zeros(1, ndim, *shape))
+                start, comm_start = time.perf_counter(), comm.seconds
+                slab = Slab(tuple(shape), split_rows(shape[-1], comm.world), self.halo(li), comm)
+                helds = [slab.held_of(q) for q in range(comm.world)]
+                fields: List[Tensor] = []
+                for k, u in enumerate(owned):
+                    if u is not None:
+                        u = field_rows(comm, u, prev.shape, prev.parts, shape, helds)
+                    elif init is not None and k == 0:
+                        u = source_field_rows(init, shape, slab.held, slab.whole, dtype)
                     else:
-                        u = resize_flow(u, shape)
-                    fields[k] = u.detach().contiguous()
+                        u = torch.zeros(1, ndim, *slab.held_shape(), device=device, dtype=dtype)
+                    fields.append(slab.padded(u.detach().contiguous()))
+                moving_l = ImageRegion(moving, shape, slab, self.antialias, dtype, fields[0], margin)
+                fixed_l = ImageRegion(fixed, shape, slab, self.antialias, dtype, fields[-1], margin,
+                                      moves=self.symmetric)
                 opts = [GreedyOptimizer(u.shape, u, self.step[li], self.grad_sigma[li], self.field_sigma[li],
                                         self.beta1, self.beta2, max_jacobian=self.max_jacobian) for u in fields]
-                m_l, f_l = moving_pyr[li], fixed_pyr[li]
                 losses: List[Tensor] = []
                 done = 0
                 for it in range(self.iterations[li]):
+                    moving_l.ensure(fields[0])
+                    if self.symmetric:
+                        fixed_l.ensure(fields[1])
                     for u in fields:
                         u.requires_grad_(True)
-                    loss = self._loss(m_l, f_l, *fields)
-                    grads = torch.autograd.grad(loss, fields)
-                    fields = [opt.update(u.detach(), g) for opt, u, g in zip(opts, fields, grads)]
-                    losses.append(loss.detach())
+                    total, report = self._level_loss(loss, moving_l, fixed_l, fields, slab)
+                    grads = torch.autograd.grad(total, fields)
+                    del total
+                    fields = [slab.refresh_halo(slab.padded(opt.update(u.detach(), g, slab)))
+                              for opt, u, g in zip(opts, fields, grads)]
+                    del grads
+                    losses.append(report)
                     done += 1
                     bar.update(1)
-                    if self._converged(losses):
+                    if self._converged(losses, comm):
                         break
-                    if it % 20 == 0:
-                        bar.set_postfix(level=int(factor) if factor.is_integer() else factor,
-                                        loss=f"{float(losses[-1]):.4f}")
+                    if it % 20 == 0 and self.progress:
+                        value = comm.all_reduce_(losses[-1].clone(), "sum")
+                        bar.set_postfix(level=int(factor) if factor.is_integer() else factor, loss=f"{float(value):.4f}")
                 bar.update(self.iterations[li] - done)
-                values = torch.stack(losses).tolist() if losses else []
+                values = comm.all_reduce_(torch.stack(losses), "sum").tolist() if losses else []
+                extra = {"step": self.step[li], "grad_sigma": self.grad_sigma[li], "field_sigma": self.field_sigma[li],
+                         "loss": self.loss_name, "symmetric": self.symmetric,
+                         "capped_iterations": sum(int(o.capped) for o in opts)}
+                if comm.split:
+                    extra.update(processes=comm.world, halo=slab.halo, comm_seconds=comm.seconds - comm_start,
+                                 image_reads=moving_l.reads + (fixed_l.reads if self.symmetric else 0))
                 records.append(StageRecord(
                     name=self.name, level=int(factor) if factor.is_integer() else factor, shape=list(shape),
-                    iterations=done, losses=values, seconds=time.perf_counter() - start,
-                    extra={"step": self.step[li], "grad_sigma": self.grad_sigma[li],
-                           "field_sigma": self.field_sigma[li], "loss": self.loss_name,
-                           "symmetric": self.symmetric,
-                           "capped_iterations": sum(int(o.capped) for o in opts)}))
+                    iterations=done, losses=values, seconds=time.perf_counter() - start, extra=extra))
+                owned = [slab.own_view(u.detach()) for u in fields]
+                prev = slab
+                del fields, opts, moving_l, fixed_l
         finally:
             bar.close()
 
-        fields = [resize_flow(u.detach(), full).float() for u in fields]
+        parts = split_rows(full[-1], comm.world)
+        flows = [field_rows(comm, u, prev.shape, prev.parts, full, parts).float() for u in owned]
+        n = full[-1]
         inverse = None
         start = time.perf_counter()
         if self.symmetric:
             # phi = psi_m o psi_f^-1 and phi^-1 = psi_f o psi_m^-1, from the two half-way maps.
-            u_m, u_f = fields
-            w_f = invert_flow(u_f, self.inverse_iterations)
-            flow = compose_flows(u_m, w_f)
+            u_m, u_f = flows
+            flow = compose_rows(comm, u_m, invert_rows(comm, u_f, parts, n, self.inverse_iterations), parts, n)
             if self.inverse:
-                inverse = compose_flows(u_f, invert_flow(u_m, self.inverse_iterations))
+                inverse = compose_rows(comm, u_f, invert_rows(comm, u_m, parts, n, self.inverse_iterations), parts, n)
             records.append(StageRecord(name=f"{self.name}-compose", level=1, shape=full,
                                        iterations=self.inverse_iterations * (2 if self.inverse else 1),
                                        seconds=time.perf_counter() - start))
         else:
-            flow = fields[0]
+            flow = flows[0]
             if self.inverse:
-                inverse = invert_flow(flow, self.inverse_iterations)
+                inverse = invert_rows(comm, flow, parts, n, self.inverse_iterations)
                 records.append(StageRecord(name=f"{self.name}-inverse", level=1, shape=full,
                                            iterations=self.inverse_iterations, seconds=time.perf_counter() - start))
-        return DeformableResult(flow=flow, inverse_flow=inverse, stages=records)
+        return SlabResult(flow=flow, rows=parts[comm.rank], shape=tuple(full), inverse_flow=inverse, stages=records)
 
-    def _converged(self, losses: List[Tensor]) -> bool:
+    def _level_loss(self, loss: SplitLoss, moving: ImageRegion, fixed: ImageRegion, fields: List[Tensor],
+                    slab: Slab):
+        """Similarity of the warped pair plus the weighted regularisers of every field, on the slab."""
+        target = fixed.held_rows() if not self.symmetric else fixed.sample(fields[1])
+        return loss(moving.sample(fields[0]), target, fields, slab)
+
+    def _converged(self, losses: List[Tensor], comm: Optional[Comm] = None) -> bool:
         if self.tolerance <= 0 or len(losses) <= self.patience or len(losses) % 5:
             return False
-        old, new = float(losses[-1 - self.patience]), float(losses[-1])
+        pair = torch.stack([losses[-1 - self.patience], losses[-1]])
+        if comm is not None:
+            comm.all_reduce_(pair, "sum")
+        old, new = pair.tolist()
         return old - new < self.tolerance * abs(old)
 
     def spec(self) -> Dict[str, Any]:

@@ -35,6 +35,7 @@ from regkit.errors import InputError, MissingFileError, check_choice, unknown_ch
 from regkit.registration.deformable import DeformableRegistration, check_init_flow, check_pair
 from regkit.registration.result import AffineResult, DeformableResult, RegistrationResult, StageRecord
 from regkit.data.resample import transform_points
+from regkit.registration.slabs import rows_grid
 from regkit.registration.world import voxel_matrix
 from regkit.spatial import identity_grid, sample_at
 
@@ -131,17 +132,27 @@ def voxel_map(moving_affine: Optional[np.ndarray], fixed_affine: Optional[np.nda
 
 
 def whole_flow(deformable: Optional[Tensor], matrix: Optional[np.ndarray], fixed_affine: Optional[np.ndarray],
-               shape: Sequence[int], device=None) -> Tensor:
+               shape: Sequence[int], device=None, rows: Optional[Tuple[int, int]] = None) -> Tensor:
     """``u(x) = inv(A_f) @ T @ A_f @ (x + d(x)) - x`` ``(1, ndim, *shape)`` in fixed voxels,
-    computed in float64 and returned in float32 (see the module docstring)."""
+    computed in float64 and returned in float32 (see the module docstring). ``rows = (lo, hi)``:
+    only those rows of the last axis (``deformable`` then holds just them; a split run)."""
     ndim = len(shape)
-    x = identity_grid(shape, device=device, dtype=torch.float64)
+    x = fixed_grid(shape, device, rows)
     pos = x if deformable is None else x + deformable.to(device=device, dtype=torch.float64)
     if matrix is not None:
         eye = np.eye(ndim + 1)
         a_f = eye if fixed_affine is None else fixed_affine
         pos = transform_points(np.linalg.inv(a_f) @ np.asarray(matrix, np.float64) @ a_f, pos)
     return (pos - x).float()
+
+
+def fixed_grid(shape: Sequence[int], device=None, rows: Optional[Tuple[int, int]] = None) -> Tensor:
+    """Voxel positions ``(1, ndim, *shape)`` of the fixed grid in float64, or of its rows
+    ``rows = (lo, hi)`` of the last axis (global positions)."""
+    if rows is None:
+        return identity_grid(shape, device=device, dtype=torch.float64)
+    lo, hi = rows
+    return rows_grid((*shape[:-1], hi - lo), lo, device, torch.float64)
 
 
 # -- the pipeline -------------------------------------------------------------------------------

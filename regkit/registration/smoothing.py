@@ -24,17 +24,23 @@ from regkit.errors import InputError, check_choice
 PADDINGS = ("replicate", "zeros")
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 3.0, device=None, dtype=torch.float32) -> Tensor:
-    """Normalised sampled Gaussian ``(2r + 1,)``, ``r = ceil(truncate · sigma)``; ``sigma`` in voxels.
-
-    ``sigma == 0`` gives the identity kernel ``[1]``."""
+def kernel_radius(sigma: float, truncate: float = 3.0) -> int:
+    """Half-width ``r`` (voxels) of :func:`gaussian_kernel1d`: ``max(1, ceil(truncate · sigma))``,
+    0 for ``sigma == 0``. A smoothed voxel depends on the input within ``r`` voxels per axis."""
     if not (sigma >= 0 and math.isfinite(sigma)):
         raise InputError(f"Gaussian sigma must be a finite number >= 0 (voxels), got {sigma!r}")
     if truncate <= 0:
         raise InputError(f"Gaussian truncate must be > 0 (in sigmas), got {truncate!r}")
-    if sigma == 0:
+    return 0 if sigma == 0 else max(1, int(math.ceil(truncate * sigma)))
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 3.0, device=None, dtype=torch.float32) -> Tensor:
+    """Normalised sampled Gaussian ``(2r + 1,)``, ``r`` = :func:`kernel_radius`; ``sigma`` in voxels.
+
+    ``sigma == 0`` gives the identity kernel ``[1]``."""
+    r = kernel_radius(sigma, truncate)
+    if r == 0:
         return torch.ones(1, device=device, dtype=dtype)
-    r = max(1, int(math.ceil(truncate * sigma)))
     k = torch.arange(-r, r + 1, dtype=torch.float64)
     w = torch.exp(-0.5 * (k / sigma) ** 2)
     return (w / w.sum()).to(device=device, dtype=dtype)
