@@ -12,6 +12,7 @@ from regkit.cli import exit_on_user_error
 from regkit.inference import MOVING_GRIDS, register_files
 from regkit.metrics import LABEL_MODES
 from regkit.predictor import SHAPE_POLICIES
+from regkit.pretrained import list_pretrained, pretrained_path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,7 +21,9 @@ def parser() -> argparse.ArgumentParser:
         description="Register a moving NIfTI/MGH scan to a fixed one with a trained regkit checkpoint. "
                     "Outputs (on the fixed grid, with the fixed affine and header): warped, flow_voxel, "
                     "flow_mm, jacdet[, warped_label], register.json.")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="a regkit checkpoint (or --model NAME)")
+    p.add_argument("--model", default=None,
+                   help="a checkpoint shipped with regkit instead of a file: " + ", ".join(list_pretrained()))
     p.add_argument("moving")
     p.add_argument("fixed")
     p.add_argument("-o", "--out", required=True, help="output folder")
@@ -55,10 +58,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     labels = parse_labels(args.labels, p)
+    if (args.checkpoint is None) == (args.model is None):
+        p.error("give a checkpoint file or --model NAME (not both)")
 
     @exit_on_user_error
     def run():
-        r = register_files(args.checkpoint, args.moving, args.fixed, args.out, args.moving_label, args.fixed_label,
+        checkpoint = pretrained_path(args.model) if args.model else args.checkpoint
+        r = register_files(checkpoint, args.moving, args.fixed, args.out, args.moving_label, args.fixed_label,
                            args.shape_policy, args.moving_grid, args.label_mode, labels, args.device,
                            args.finetune_steps, args.finetune_lr)
         if r["finetune"]:
