@@ -14,7 +14,9 @@ from regkit.data.augment import PairAugmentation, adjust_gamma, affine_matrix, s
 from regkit.data.keypoints import KeypointPairDataset
 from regkit.data.pairs import sample_generator
 from regkit.errors import InputError
+from regkit.experiment import build
 from regkit.spatial import sample_at
+from regkit.training.loggers import Logger
 from tests.conftest import TINY_DATA, compose
 from tests.test_learn2reg import synthetic_task
 
@@ -161,3 +163,34 @@ def test_spatial_augmentation_on_keypoint_pairs_is_refused(tmp_path):
     item = data.datasets["train"][(0, 0)]
     assert item["keypoints_mask"].any() and not torch.equal(item["moving"], data.datasets["train"].base.load(0)["moving"])
 
+
+
+class Images(Logger):
+    """Records the pictures a run logs."""
+
+    def __init__(self):
+        self.images = []
+
+    def log_scalars(self, scalars, step):
+        pass
+
+    def log_image(self, tag, image, step):
+        self.images.append((tag, image, step))
+
+
+@pytest.mark.parametrize("augment, logged", [("light", True), ("none", False)])
+def test_the_augmentation_picture_is_logged_once(tmp_path, data_dir, augment, logged):
+    cfg = compose(TINY_DATA + [f"augment={augment}", "dataset.shape=[16,16,16]", "dataset.n_train=2",
+                               "trainer.max_epochs=2", "callbacks.validation.log_images=false"],
+                  output_dir=tmp_path, data_dir=data_dir)
+    parts = build(cfg)
+    trainer = parts["trainer"]
+    trainer.logger = Images()
+    trainer.fit(parts["model"], parts["loss"], parts["optimizer"], parts["data"])
+    pictures = [(image, step) for tag, image, step in trainer.logger.images if tag == "data/augmentation"]
+    assert len(pictures) == (1 if logged else 0)
+    if logged:
+        image, step = pictures[0]
+        # 2 pairs (rows) x 4 panels (moving, fixed as loaded; moving, fixed as trained), RGB in [0, 1]
+        assert step == 0 and image.ndim == 3 and image.shape[2] == 3 and image.shape[0] == 2 * 18
+        assert image.shape[1] == 4 * 18 and 0 <= image.min() and image.max() <= 1

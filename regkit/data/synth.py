@@ -60,7 +60,7 @@ from regkit.data.resample import resize_volume, resized_spacing
 from regkit.data.synthetic import make_template
 from regkit.errors import InputError, MissingFileError
 from regkit.metrics import resolve_labels
-from regkit.spatial import integrate_velocity, sample_at, warp
+from regkit.spatial import integrate_velocity, warp
 
 GROUPS = ("template", "shapes", "maps")
 TEMPLATE_ORIENTATION = "RAS"  # make_template: axis 0 left -> right, 1 posterior -> anterior, 2 inferior -> superior
@@ -356,7 +356,8 @@ class SynthLabelData(PairData):
             from it (resized to ``shape``, ``normalize``-d).
         seed: the samples' seed (with epoch and index).
         **kwargs: :class:`PairData` options (``val``, ``test``, ``eval_labels``, ``batch_size``,
-            ``num_workers``, ``normalize`` of the real pairs, ``transform``, ...).
+            ``num_workers``, ``normalize`` of the real pairs, ``transform``, ...); real pairs are
+            resized to ``shape`` unless ``resize`` says otherwise.
     """
 
     def __init__(self, shape: Sequence[int], label_maps: Sequence = (), template: float = 1.0, shapes: float = 1.0,
@@ -414,6 +415,7 @@ class SynthLabelData(PairData):
         self.spacing = tuple(float(s) for s in spacing)
         self.real_train, self.real_fraction = real_train, float(real_fraction)
         kwargs.setdefault("normalize", "minmax")  # synthesised images are min-max normalised too
+        kwargs.setdefault("resize", shape)        # real validation/test pairs are seen at the training size
         super().__init__(train=None, **kwargs)
         self.maps: List[np.ndarray] = []
 

@@ -318,8 +318,8 @@ class AugmentationPreview(Callback):
     """Shows once per run what the network is trained on: a picture ``data/augmentation`` logged
     at the start of training (not after a resume). Row k is training pair k: its moving and
     fixed images as loaded (for synthesised data: as synthesised), then as the network sees them
-    in epoch 1 (augmented), mid-slices of the last axis, label-map boundaries in red (they must
-    follow the anatomy). Nothing is logged when the training data is neither augmented nor
+    in epoch 1 (augmented; synthesised data without augmentation is shown once), mid-slices of
+    the last axis, label-map boundaries in red (they must follow the anatomy). Nothing is logged when the training data is neither augmented nor
     synthesised. Items are drawn with their own generators (the sample keys of epoch 1), so
     the picture changes no random state of the run."""
 
@@ -340,7 +340,9 @@ class AugmentationPreview(Callback):
         active = transform is not None and getattr(transform, "enabled", True)
         if not (active or getattr(base, "synthesised", False)) or not hasattr(base, "load"):
             return
-        rows = [preview_row([base.load(i), base[(0, i)]]) for i in range(min(self.samples, len(base)))]
+        n = min(self.samples, len(base))
+        # as loaded next to as trained; synthesised pairs without a transform are shown once
+        rows = [preview_row([base.load(i), base[(0, i)]] if active else [base[(0, i)]]) for i in range(n)]
         width = max(r.shape[1] for r in rows)
         rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
         trainer.logger.log_image("data/augmentation", np.concatenate(rows, axis=0), 0)
