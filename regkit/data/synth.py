@@ -62,7 +62,6 @@ from regkit.errors import InputError, MissingFileError
 from regkit.metrics import resolve_labels
 from regkit.spatial import integrate_velocity, warp
 
-GROUPS = ("template", "shapes", "maps")
 TEMPLATE_ORIENTATION = "RAS"  # make_template: axis 0 left -> right, 1 posterior -> anterior, 2 inferior -> superior
 
 
@@ -195,7 +194,8 @@ def gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
 
 
 class Contrast:
-    """One draw of the Gaussian-mixture intensities: ``table`` maps label values to (mean, SD)."""
+    """One draw of the Gaussian-mixture intensities: label ``values[k]`` (sorted) gets the mean
+    ``mean[k]`` and the SD ``std[k]``; ``zero_background``: whether label 0 is set to 0."""
 
     def __init__(self, values: Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float],
                  zero_background: float) -> None:
@@ -277,7 +277,7 @@ class SynthPairDataset(Dataset):
             pair = (self.maps[i], self.maps[i if self.same_map else j])
         labels = [self.deformed(lab, generator) for lab in pair]
         values = torch.unique(torch.cat([labels[0].flatten(), labels[1].flatten()]))
-        contrast = self.contrast(values, generator)
+        contrast = self.contrast(values, generator)  # drawn in both modes: same_contrast changes only what follows
         raw = [self.render(lab, contrast if self.same_contrast else self.contrast(values, generator), generator)
                for lab in labels]
         if self.same_contrast:  # one intensity scale and one gamma for both: a label keeps its intensity
