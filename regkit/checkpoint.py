@@ -58,6 +58,20 @@ def save_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
+def _refusal_reason(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in regkit's words. torch's own message
+    advises re-running with ``weights_only=False``, which would run code from the file: that
+    advice is never passed on. The object it names (both of torch 2.13's wordings: "Unsupported
+    global: GLOBAL x" and "unsupported GLOBAL x whose module is blocked") is."""
+    match = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(exc), flags=re.IGNORECASE)
+    if match:
+        return (f"it contains a '{match.group(1)}' object, which is not plain data; regkit checkpoints hold "
+                f"only tensors, numbers, strings, lists and dicts, and regkit never loads code from a file")
+    if isinstance(exc, (EOFError, RuntimeError)) or "operand" in str(exc) or "magic number" in str(exc):
+        return "not a file written by torch.save, or a truncated or damaged one"
+    return f"unreadable: {type(exc).__name__}"
+
+
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     p = Path(path)
     if not p.exists():
@@ -65,13 +79,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     try:
         data = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:
-        text = str(exc)
-        match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if match:
-            reason = f"it contains a {match.group(1)} object; regkit checkpoints hold plain data only and are never unpickled with code"
-        else:
-            reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise InputError(f"{p}: not a readable regkit checkpoint ({reason})") from None
+        raise InputError(f"{p}: not a regkit checkpoint ({_refusal_reason(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(f"{p}: not a regkit checkpoint (missing format tag '{FORMAT}')")
     return data

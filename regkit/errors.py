@@ -24,6 +24,10 @@ class MissingFileError(RegkitError, FileNotFoundError):
     """A file or folder that the configuration names does not exist."""
 
 
+class TrainingError(RegkitError, FloatingPointError):
+    """A run cannot go on, e.g. its loss became non-finite (reported as one line, like bad input)."""
+
+
 def unknown_choice_message(what: str, value: Any, valid: Iterable[Any]) -> str:
     """``Unknown <what> '<value>'. Did you mean '<closest>'? Valid: a, b, c.`` (one line)."""
     names = [str(v) for v in valid]

@@ -11,6 +11,7 @@ the same code. Conventions: ``docs/evaluation.md``.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import math
 import time
@@ -26,7 +27,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from regkit.data.io import atomic_write
+from regkit.data.io import atomic_write, check_output_folder
 from regkit.data.keypoints import batch_keypoint_metrics
 from regkit.data.module import PairData
 from regkit.device import move_to
@@ -36,6 +37,7 @@ from regkit.models.base import RegistrationOutput
 from regkit.predictor import Predictor
 
 Predict = Callable[[Tensor, Tensor], RegistrationOutput]
+_ABSENT = object()
 Row = Dict[str, Any]
 
 
@@ -176,6 +178,7 @@ def evaluate_split(predictor, data, split: str = "test", out_dir=None, evaluator
     Returns ``{"rows", "summary", "csv", "markdown", "text"}``.
     """
     evaluator = evaluator or PairEvaluator(hd95=True)
+    check_output_folder(out_dir)
     loader = data.dataloader(split)
     if loader is None:
         raise InputError(f"{title or 'the dataset'}: no '{split}' pairs")
@@ -253,6 +256,14 @@ def dataset_from_checkpoint(predictor, overrides: Sequence[str] = (), pairs_csv=
         if "=" not in item:
             raise InputError(f"override '{item}' must be key=value, e.g. dataset.root=/data/ixi")
         key, value = item.split("=", 1)
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            keys = [str(k) for k in node] if OmegaConf.is_dict(node) else []
+            close = difflib.get_close_matches(leaf, keys, n=1)
+            hint = f"; did you mean {'.'.join(filter(None, [parent, close[0]]))}?" if close else ""
+            raise InputError(f"--set {key}=...: the checkpoint's config has no such key{hint} "
+                             f"(keys under '{parent or 'the root'}': {', '.join(keys) or 'none'})")
         OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
     return instantiate(cfg.dataset)
 

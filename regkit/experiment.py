@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
@@ -21,6 +23,27 @@ from regkit.training.callbacks import Checkpoint
 from regkit.training.trainer import Interrupted
 
 log = logging.getLogger("regkit")
+
+
+def unique_dir(base: str) -> str:
+    """``${regkit.unique_dir:PATH}``: a new folder ``PATH_xxxx`` (4 random hex digits), created
+    exclusively, so that two runs started in the same second never share a folder. Registered
+    with OmegaConf's resolver cache, which Hydra copies into every job of a sweep, so one run
+    resolves it to one folder however often its config is read."""
+    parent = Path(base).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(1000):
+        path = Path(f"{base}_{secrets.token_hex(2)}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return str(path)
+    raise InputError(f"{base}: could not create a new run folder next to it")
+
+
+if not OmegaConf.has_resolver("regkit.unique_dir"):
+    OmegaConf.register_new_resolver("regkit.unique_dir", unique_dir, use_cache=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -76,9 +99,10 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         log.info("model %s: %s parameters | loss: %s | device: %s | output: %s",
                  cfg.model._target_.rsplit(".", 1)[-1], f"{model.num_parameters():,}", parts["loss"].extra_repr(),
                  trainer.device, trainer.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), trainer.output_dir)
     try:
         metrics = trainer.fit(model, parts["loss"], parts["optimizer"], parts["data"],
-                              ckpt_path=cfg.get("ckpt_path"), scheduler=parts["scheduler"])
+                              ckpt_path=ckpt_path, scheduler=parts["scheduler"])
     except Interrupted as exc:
         saved = next((cb.interrupted_path for cb in trainer.callbacks if isinstance(cb, Checkpoint)), None)
         if distributed.is_rank_zero():
@@ -86,10 +110,27 @@ def train(cfg: DictConfig) -> Dict[str, float]:
             resume = f"; resume with: {resume_command(saved)}" if saved else ""
             print(f"regkit: interrupted by {exc.signal_name} at epoch {trainer.epoch + 1}, batch "
                   f"{trainer.batch_in_epoch}: {where}{resume}", file=sys.stderr)
+        if exc.signal_name == "SIGUSR2" and callable(signal.getsignal(signal.SIGUSR2)):
+            signal.raise_signal(signal.SIGUSR2)  # the launcher's own handler (submitit) requeues the job
         raise SystemExit(128 + int(getattr(signal, exc.signal_name, signal.SIGINT))) from None
     if distributed.is_rank_zero():
         report(trainer)
     return metrics
+
+
+def resolve_ckpt_path(ckpt_path, output_dir) -> "str | None":
+    """``ckpt_path`` as given, or for ``auto`` the newer of this run folder's
+    ``checkpoints/interrupted.ckpt`` and ``last.ckpt``, else ``None`` (a requeued job continues
+    where it stopped; a first start starts afresh)."""
+    if ckpt_path != "auto":
+        return ckpt_path
+    found = [p for p in (Path(output_dir) / "checkpoints" / n for n in ("interrupted.ckpt", "last.ckpt")) if p.is_file()]
+    if found:
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("ckpt_path=auto: resuming from %s", newest)
+        return str(newest)
+    log.info("ckpt_path=auto: no checkpoint in %s yet; starting afresh", Path(output_dir) / "checkpoints")
+    return None
 
 
 def resume_command(checkpoint) -> str:

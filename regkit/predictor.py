@@ -37,6 +37,7 @@ from regkit.models.base import RegistrationOutput
 from regkit.spatial import resize_flow
 
 SHAPE_POLICIES = ("resample", "native", "reject")
+INTENSITY_POLICIES = ("rescale", "error", "keep")
 
 
 @dataclass
@@ -49,18 +50,22 @@ class TrainingSpec:
         shape: the grid size the network saw, or ``None`` when unknown.
         eval_labels: label values its validation Dice averaged over (``None``: all present).
         label_groups: ``{name: labels}`` groups reported beside them (e.g. the IXI 17).
+        intensity: ``(low, high)``, the 0.5th and 99.5th intensity percentiles of the training
+            images after normalisation, or ``None`` for checkpoints that do not record it.
     """
 
     normalize: str = "none"
     shape: Optional[Tuple[int, ...]] = None
     eval_labels: Optional[Tuple[int, ...]] = None
     label_groups: Optional[Dict[str, Tuple[int, ...]]] = None
+    intensity: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         check_choice("normalisation", self.normalize, NORMALIZATIONS)
         self.shape = tuple(int(s) for s in self.shape) if self.shape else None
         self.eval_labels = resolve_labels(self.eval_labels) if self.eval_labels is not None else None
         self.label_groups = resolve_groups(self.label_groups) or None
+        self.intensity = tuple(float(v) for v in self.intensity) if self.intensity else None
 
     @classmethod
     def from_checkpoint(cls, data: Mapping[str, Any]) -> "TrainingSpec":
@@ -76,12 +81,14 @@ class TrainingSpec:
             record = {"normalize": ds.get("normalize", "minmax"), "shape": ds.get("resize") or ds.get("shape"),
                       "eval_labels": ds.get("eval_labels"), "label_groups": ds.get("label_groups")}
         return cls(normalize=record.get("normalize") or "minmax", shape=record.get("shape"),
-                   eval_labels=record.get("eval_labels"), label_groups=record.get("label_groups") or None)
+                   eval_labels=record.get("eval_labels"), label_groups=record.get("label_groups") or None,
+                   intensity=record.get("intensity"))
 
     def to_dict(self) -> Dict[str, Any]:
         return {"normalize": self.normalize, "shape": list(self.shape) if self.shape else None,
                 "eval_labels": list(self.eval_labels) if self.eval_labels else None,
-                "label_groups": {k: list(v) for k, v in (self.label_groups or {}).items()} or None}
+                "label_groups": {k: list(v) for k, v in (self.label_groups or {}).items()} or None,
+                "intensity": list(self.intensity) if self.intensity else None}
 
 
 @dataclass
@@ -154,6 +161,34 @@ class Predictor:
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """A raw scan's intensities as the training images had them (float32)."""
         return normalize_intensity(np.asarray(image, dtype=np.float32), self.spec.normalize).astype(np.float32)
+
+    def check_intensity(self, image: np.ndarray, name: str, policy: str = "rescale") -> Tuple[np.ndarray, Optional[str]]:
+        """A normalised scan against the training intensity range (``spec.intensity``).
+
+        A scan whose robust range (0.5th-99.5th percentile) reaches further than one training
+        range beyond it on either side, e.g. uint8 scans (0-255) given to a network trained on
+        [0, 1] with ``normalize: none``, is out of range. Then ``policy``: ``rescale`` maps its
+        robust range linearly onto the training range (the documented fallback; returns a note),
+        ``error`` refuses in one line saying what to pass, ``keep`` leaves it (returns a note).
+        Returns the image to use and the note, if any.
+        """
+        check_choice("intensity policy", policy, INTENSITY_POLICIES)
+        if self.spec.intensity is None:
+            return image, None
+        lo, hi = self.spec.intensity
+        span = max(hi - lo, 1e-6)
+        a, b = (float(v) for v in np.percentile(image, [0.5, 99.5]))
+        if lo - span <= a and b <= hi + span:
+            return image, None
+        what = (f"{name}: intensities [{a:.4g}, {b:.4g}] after the recorded normalisation '{self.spec.normalize}' lie "
+                f"far outside the training range [{lo:.4g}, {hi:.4g}]")
+        if policy == "error":
+            raise InputError(f"{what}; pass --intensity rescale to map them onto the training range, or normalise the "
+                             f"scans as the training data were")
+        if policy == "keep":
+            return image, f"{what}; kept as they are (--intensity keep)"
+        scaled = (image - a) / max(b - a, 1e-12) * (hi - lo) + lo
+        return scaled.astype(np.float32), f"{what}; rescaled linearly onto it (--intensity rescale)"
 
     def prepare(self, images: Tensor) -> Tensor:
         """Raw images ``(B, C, *spatial)`` normalised as in training, each image on its own

@@ -11,7 +11,9 @@ a machine without a GPU. So torch is installed first, by these rules, and then r
 1. a torch that already imports in the environment is kept (a user's CUDA build stays);
    if the python running this script has torch and the venv is new, the venv is created with
    ``--system-site-packages`` so that torch is reused rather than installed again;
-2. otherwise ``torch==TORCH_VERSION`` from a local wheel (pip's ``find-links``), no network;
+2. otherwise ``torch==TORCH_VERSION`` from a local wheel (pip's ``find-links``): the wheel alone
+   with ``--no-index --no-deps`` (its dependencies are not local wheels), then its small
+   pure-Python dependencies from the index, torch itself being installed already;
 3. otherwise, on a machine without an NVIDIA driver, the CPU build from the PyTorch CPU index;
 4. otherwise ``torch==TORCH_VERSION`` from the default index (the CUDA build on GPU machines).
 
@@ -67,9 +69,12 @@ def install_torch(python: str, version: str) -> None:
         say(f"keeping the installed torch {found}")
         return
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
-    if run(pip + ["--no-index", f"torch=={version}"], check=False, quiet=True):
-        say(f"installed torch {torch_version(python)} from a local wheel")
+    if run(pip + ["--no-index", "--no-deps", f"torch=={version}"], check=False, quiet=True):
+        say(f"installed the local torch {version} wheel; now its dependencies")
+        run(pip + ["-q", f"torch=={version}"])  # satisfied already: only the missing dependencies are fetched
+        say(f"torch {torch_version(python)} ready")
         return
+    say(f"no local wheel of torch {version}")
     if not has_nvidia_driver():
         say("no NVIDIA driver found: installing the CPU build of torch")
         if run(pip + ["--timeout", "30", "--retries", "1", f"torch=={version}", "--index-url", CPU_INDEX],

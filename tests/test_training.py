@@ -78,15 +78,42 @@ def test_resume_with_other_model_is_rejected(tmp_path, data_dir):
     train(compose(TINY_DATA + ["trainer.max_epochs=1", "~logger"], output_dir=out, data_dir=data_dir))
     cfg = compose(TINY_DATA + ["model=vxm2", f"ckpt_path={out}/checkpoints/last.ckpt"], output_dir=tmp_path / "b",
                   data_dir=data_dir)
-    with pytest.raises(ValueError, match="holds model 'vxm1' but the config builds 'vxm2'"):
+    with pytest.raises(ValueError, match="resuming cannot change the model or the data, but model._target_ "
+                                         "\\('regkit.models.voxelmorph.vxm1' -> 'regkit.models.voxelmorph.vxm2'\\)"):
         train(cfg)
 
 
-def test_checkpoint_load_never_unpickles_code(tmp_path):
+class RunsCode:
+    """What a crafted checkpoint would carry: unpickling it calls os.system."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("payload, named", [
+    (Path("/etc"), "pathlib"),                           # torch 2.13: "Unsupported global: GLOBAL pathlib..."
+    (RunsCode(), "posix.system"),                        # torch 2.13: "unsupported GLOBAL posix.system whose module..."
+    (torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"),
+])
+def test_checkpoint_load_never_unpickles_code(tmp_path, monkeypatch, payload, named):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.ckpt"
-    torch.save({"format": "regkit-checkpoint-v1", "payload": Path("/etc")}, path)  # a non-plain object
-    with pytest.raises(ValueError, match="not a readable regkit checkpoint"):
+    torch.save({"format": "regkit-checkpoint-v1", "payload": payload}, path)
+    with pytest.raises(ValueError, match="not a regkit checkpoint") as err:
         load_checkpoint(path)
+    message = str(err.value)
+    assert named in message and "not plain data" in message and "\n" not in message
+    assert "weights_only" not in message and "trust" not in message  # no advice to turn the safety off
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_checkpoint_refusals_of_other_files(tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.ckpt: not a regkit checkpoint .not a file written by torch.save"):
+        load_checkpoint(garbage)
     with pytest.raises(FileNotFoundError, match="missing.ckpt: checkpoint not found"):
         load_checkpoint(tmp_path / "missing.ckpt")
 

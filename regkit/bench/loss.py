@@ -47,11 +47,8 @@ from regkit.bench.timing import interleave, timed_call
 from regkit.data.io import atomic_write
 from regkit.data.synthetic import synthetic_pair
 
-try:  # MONAI is the peer; without it its rows are left out
-    import monai
-    from monai.losses import LocalNormalizedCrossCorrelationLoss
-except ImportError:  # pragma: no cover - monai is a regkit dependency
-    monai = None
+import monai
+from monai.losses import LocalNormalizedCrossCorrelationLoss
 
 METHODS = ("lncc", "lncc_group", "lncc_fast", "monai")
 SECTION = "bench_loss"
@@ -372,7 +369,7 @@ def run(sizes: Sequence[Sequence[int]], devices: Sequence[torch.device], methods
     set_tf32(tf32)
     methods = available_methods(methods)
     meta = {"command": command, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "monai": monai.__version__ if monai is not None else "not installed", "tf32": "on" if tf32 else "off"}
+            "monai": monai.__version__, "tf32": "on" if tf32 else "off"}
     say(f"memory cap per CPU method: {mem_limit_gb} GiB; torch threads: {torch.get_num_threads()}")
     rows: List[Dict[str, Any]] = []
     equality: Dict[str, Any] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Optional, Sequence
 
 from regkit.cli import exit_on_user_error
@@ -43,3 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     run()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

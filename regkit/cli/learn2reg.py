@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -105,3 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     run()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

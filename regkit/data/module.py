@@ -170,7 +170,23 @@ class PairData:
                 self._shape_seen = tuple(self.datasets["train"][0]["moving"].shape[1:])
             shape = self._shape_seen
         return {"normalize": self.normalize, "shape": list(shape), "resize": list(self.resize) if self.resize else None,
-                "eval_labels": self._eval_labels, "label_groups": {k: list(v) for k, v in (self.label_groups or {}).items()}}
+                "eval_labels": self._eval_labels, "label_groups": {k: list(v) for k, v in (self.label_groups or {}).items()},
+                "intensity": self.intensity_range()}
+
+    def intensity_range(self, max_items: int = 4) -> List[float]:
+        """``[low, high]``: the 0.5th and 99.5th percentiles of the first training images after
+        normalisation (what the network saw). A checkpoint keeps it, so that registration can tell
+        scans in another range (e.g. uint8 0-255 for a network trained on [0, 1]) from good ones."""
+        if getattr(self, "_intensity", None) is None:
+            ds = self.setup().datasets["train"]
+            values = []
+            for k in range(min(max_items, len(ds))):
+                item = ds.load(k) if hasattr(ds, "load") else ds[k]
+                values += [item["moving"].flatten(), item["fixed"].flatten()]
+            q = torch.quantile(torch.cat(values)[:: max(1, sum(v.numel() for v in values) // 2 ** 22)].double(),
+                               torch.tensor([0.005, 0.995], dtype=torch.float64))
+            self._intensity = [float(q[0]), float(q[1])]
+        return list(self._intensity)
 
     # -- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

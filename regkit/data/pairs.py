@@ -45,6 +45,8 @@ def read_pairs_csv(path: PathLike, root: Optional[PathLike] = None) -> List[Pair
     p = Path(path)
     if not p.exists():
         raise MissingFileError(f"{p}: pair list not found")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder; expected a pair-list CSV file (columns moving,fixed[,moving_label,fixed_label])")
     with open(p, newline="") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []

@@ -1,7 +1,7 @@
 """Typed results of the optimisation engine (one type per stage kind, never a tuple).
 
 Conventions:
-* ``matrix`` (affine stages) is a 4×4 float64 world transform, mm, that maps a point of the
+* ``matrix`` (affine stages) is a 4×4 (3×3 for 2-D images) float64 world transform, mm, that maps a point of the
   FIXED image's world to the point of the MOVING image's world it is compared with:
   ``p_moving = matrix @ p_fixed`` (homogeneous). Sampling the moving scan through its own header
   at ``inv(A_moving) @ matrix @ A_fixed @ x`` for each fixed voxel ``x`` gives the affinely
@@ -42,7 +42,7 @@ class StageRecord:
 class AffineResult:
     """An affine stage's output: the world matrix (see the module docstring) and its records."""
 
-    matrix: np.ndarray             # (4, 4) float64, fixed world -> moving world, mm
+    matrix: np.ndarray             # (4, 4) float64 ((3, 3) in 2-D), fixed world -> moving world, mm
     stages: List[StageRecord] = field(default_factory=list)
 
 
@@ -59,3 +59,27 @@ class DeformableResult:
     inverse_flow: Optional[Tensor] = None
     velocity: Optional[Tensor] = None
     stages: List[StageRecord] = field(default_factory=list)
+
+
+@dataclass
+class RegistrationResult:
+    """A whole registration (a :class:`~regkit.registration.pipeline.Pipeline`'s output).
+
+    ``flow``: ``(1, ndim, *fixed)`` the WHOLE transformation, affine included, in fixed voxels:
+    sampling the moving scan through its own header at the world point ``A_fixed @ (x + flow(x))``
+    for each fixed voxel ``x`` gives ``warped``. With the affine stage's ``matrix`` ``T`` and the
+    deformable displacement ``d`` (computed on the affinely resampled moving image):
+    ``x + flow(x) = inv(A_fixed) @ T @ A_fixed @ (x + d(x))``.
+    ``warped``: ``(1, C, *fixed)`` the moving image resampled once through ``flow``.
+    ``affine``: the affine stage's result (``None`` without one); ``deformable``: the deformable
+    (or refinement) stage's result on the fixed grid, whose ``inverse_flow`` (when present)
+    inverts ``d`` alone; ``stages``: every stage's records in order; ``seconds``: wall time per
+    stage kind (``{"affine": s, "deformable": s, ...}``).
+    """
+
+    flow: Tensor
+    warped: Tensor
+    affine: Optional[AffineResult] = None
+    deformable: Optional[DeformableResult] = None
+    stages: List[StageRecord] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=dict)

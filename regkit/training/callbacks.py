@@ -19,39 +19,64 @@ from regkit.evaluation import PairEvaluator
 from regkit.predictor import Predictor, identity_output
 from regkit.spatial import jacobian_determinant, warp
 from regkit.checkpoint import save_checkpoint
+from regkit.data.io import remove_stale_temp_files
 from regkit.training.trainer import Callback, Interrupted, Trainer
 
 log = logging.getLogger("regkit")
 
-def slice_panel(moving: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor, flow: torch.Tensor) -> np.ndarray:
-    """A picture: rows are the three orthogonal mid-slices; columns are moving, fixed, warped,
-    the deformation grid (the flow's effect on a regular grid) and the Jacobian determinant
-    (grey 0.5 = volume kept, white = expansion ×2 or more, black = folding, det J <= 0). 2-D
-    inputs give one row."""
+PANEL_COLUMNS = ("moving", "fixed", "warped", "fixed - warped", "deformation grid", "Jacobian determinant")
+
+
+def slice_panel(moving: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor, flow: torch.Tensor,
+                min_cell: int = 128) -> np.ndarray:
+    """A picture of one registered pair, ``(H, W)`` in [0, 1]: rows are the three orthogonal
+    mid-slices (one row in 2-D); the columns (:data:`PANEL_COLUMNS`) are
+
+    1. moving, 2. fixed, 3. warped (all three on one grey scale, the moving and fixed images'
+       joint range, so that brightness compares across columns);
+    4. the difference fixed − warped (grey 0.5 = equal, white = fixed brighter, black = warped
+       brighter; ±the joint range at the ends): what registration leaves unexplained;
+    5. the deformation grid: a regular grid of lines warped by the flow. The lines lie half a
+       grid step away from the shown slices, so a slice never falls on a grid plane (which would
+       draw a blank cell);
+    6. the Jacobian determinant (grey 0.5 = volume kept, white = expansion ×2 or more, black =
+       folding, det J <= 0).
+
+    Small volumes are scaled up (nearest neighbour) so that a cell is at least ``min_cell``
+    pixels high.
+    """
     ndim = flow.shape[1]
     shape = flow.shape[2:]
-    grid = torch.zeros(1, 1, *shape, device=flow.device, dtype=flow.dtype)
     step = max(4, min(shape) // 12)
+    grid = torch.zeros(1, 1, *shape, device=flow.device, dtype=flow.dtype)
     for d in range(ndim):
+        lines = [i for i in range(shape[d]) if (i - shape[d] // 2) % step == step // 2]
         idx = [slice(None)] * (ndim + 2)
-        idx[2 + d] = slice(0, None, step)
+        idx[2 + d] = lines
         grid[tuple(idx)] = 1.0
     grid_w = warp(grid, flow[:1], mode="bilinear")
     jac = (jacobian_determinant(flow[:1].double()).float() / 2).clamp(0, 1)[:, None]
-    vols = [v[0, 0].detach().float().cpu().numpy() for v in (moving, fixed, warped, grid_w, jac)]
-    vols = [np.clip((v - v.min()) / (v.max() - v.min() + 1e-8), 0, 1) if i < 3 else v for i, v in enumerate(vols)]
+    m, f, w = (v[0, 0].detach().float().cpu().numpy() for v in (moving, fixed, warped))
+    lo, hi = min(m.min(), f.min()), max(m.max(), f.max())
+    span = float(hi - lo) or 1.0
+    scaled = [np.clip((v - lo) / span, 0, 1) for v in (m, f, w)]
+    diff = np.clip(0.5 + (f - w) / (2 * span), 0, 1)
+    vols = scaled + [diff] + [v[0, 0].detach().float().cpu().numpy() for v in (grid_w, jac)]
     if ndim == 2:
-        return np.concatenate([v.T[::-1] for v in vols], axis=1)
-    slices = [[np.take(v, v.shape[axis] // 2, axis=axis).T[::-1] for v in vols] for axis in range(3)]
+        rows = [[v.T[::-1] for v in vols]]
+    else:
+        rows = [[np.take(v, v.shape[axis] // 2, axis=axis).T[::-1] for v in vols] for axis in range(3)]
     # one cell size for every slice, images centred in it, so the columns line up across rows
-    h = max(s.shape[0] for row in slices for s in row)
-    w = max(s.shape[1] for row in slices for s in row)
+    h = max(s.shape[0] for row in rows for s in row)
+    wd = max(s.shape[1] for row in rows for s in row)
 
     def cell(s):
-        top, left = (h - s.shape[0]) // 2, (w - s.shape[1]) // 2
-        return np.pad(s, ((top, h - s.shape[0] - top), (left, w - s.shape[1] - left)))
+        top, left = (h - s.shape[0]) // 2, (wd - s.shape[1]) // 2
+        return np.pad(s, ((top, h - s.shape[0] - top), (left, wd - s.shape[1] - left)))
 
-    return np.concatenate([np.concatenate([cell(s) for s in row], axis=1) for row in slices], axis=0)
+    panel = np.concatenate([np.concatenate([cell(s) for s in row], axis=1) for row in rows], axis=0)
+    factor = max(1, -(-min_cell // h))
+    return np.repeat(np.repeat(panel, factor, axis=0), factor, axis=1)
 
 
 class Validation(Callback):
@@ -144,7 +169,8 @@ class Validation(Callback):
 
 
 class Checkpoint(Callback):
-    """Writes ``last.ckpt`` every epoch and ``best.ckpt`` when ``monitor`` improves; on Ctrl-C or
+    """Writes ``last.ckpt`` every epoch and ``best.ckpt`` when ``monitor`` improves on its best and
+    on ``baseline`` (the unregistered Dice: a model worse than the identity is never "best"); on Ctrl-C or
     SIGTERM writes ``interrupted.ckpt`` after the step in progress (with the position inside the
     epoch, so that resuming from it equals an uninterrupted run). Every file is written to a temporary file and renamed. Under
     torchrun only rank 0 writes (the ranks hold the same weights; DDP keeps them equal)."""
@@ -153,8 +179,9 @@ class Checkpoint(Callback):
     rank_zero_only = True
 
     def __init__(self, dirpath: str, monitor: Optional[str] = "val/dice", mode: str = "max",
-                 save_last: bool = True, every_n_epochs: int = 1) -> None:
+                 save_last: bool = True, every_n_epochs: int = 1, baseline: Optional[str] = "val/dice_before") -> None:
         self.interrupted_path: Optional[Path] = None
+        self.baseline = baseline
         if mode not in ("max", "min"):
             raise InputError(f"Checkpoint mode must be 'max' or 'min', got {mode!r}")
         self.dirpath, self.monitor, self.mode = Path(dirpath), monitor, mode
@@ -165,9 +192,15 @@ class Checkpoint(Callback):
         self.last_path: Optional[Path] = None
         self._warned = False
 
-    def _improved(self, value: float) -> bool:
+    def on_fit_start(self, trainer: Trainer) -> None:
+        for leftover in remove_stale_temp_files(self.dirpath):  # from a kill during a write
+            log.info("removed %s, left by an interrupted checkpoint write", leftover)
+
+    def _improved(self, value: float, baseline: Optional[float] = None) -> bool:
         if value is None or math.isnan(value):
             return False
+        if baseline is not None and (value < baseline if self.mode == "max" else value > baseline):
+            return False  # worse than not registering at all: never "best"
         if self.best is None:
             return True
         return value > self.best if self.mode == "max" else value < self.best
@@ -176,7 +209,8 @@ class Checkpoint(Callback):
         if trainer.epoch % self.every_n_epochs and trainer.epoch != trainer.max_epochs:
             return
         value = trainer.metrics.get(self.monitor) if self.monitor else None
-        improved = self._improved(value)
+        baseline = trainer.metrics.get(self.baseline) if self.baseline else None
+        improved = self._improved(value, baseline)
         if improved:
             self.best, self.best_epoch = float(value), trainer.epoch
         payload = trainer.state_dict()
@@ -201,6 +235,44 @@ class Checkpoint(Callback):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
+
+
+class DivergenceWarning(Callback):
+    """Says so, once each, when training goes wrong: the epoch's mean loss grows by orders of
+    magnitude over the first epoch's (more than ``factor`` times its size away from it, e.g. a
+    learning rate far too high), or validation Dice falls below the unregistered Dice. A non-finite
+    loss stops the run in the trainer itself (one line)."""
+
+    order = 40  # after validation and the loss logger have logged this epoch
+
+    def __init__(self, factor: float = 100.0) -> None:
+        self.factor = float(factor)
+        self.first: Optional[float] = None
+        self.warned: Dict[str, bool] = {}
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        m = trainer.metrics
+        loss = m.get("train/epoch_loss/total")
+        if loss is not None and math.isfinite(loss):
+            if self.first is None:
+                self.first = loss
+            elif abs(loss - self.first) > self.factor * max(abs(self.first), 1e-3) and not self.warned.get("loss"):
+                self.warned["loss"] = True
+                log.warning("warning: the training loss is diverging: %.4g at epoch %d against %.4g at the first; lower "
+                            "the learning rate (now %g, e.g. optimizer.lr=%g)", loss, trainer.epoch, self.first,
+                            trainer.optimizer.param_groups[0]["lr"], trainer.optimizer.param_groups[0]["lr"] / 10)
+        dice, before = m.get("val/dice"), m.get("val/dice_before")
+        if dice is not None and before is not None and dice < before and not self.warned.get("dice"):
+            self.warned["dice"] = True
+            log.warning("warning: validation Dice %.4f at epoch %d is below the unregistered Dice %.4f: the model "
+                        "is worse than not registering (best.ckpt is only written for models better than that)",
+                        dice, trainer.epoch, before)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"first": self.first}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.first = state.get("first")
 
 
 class EpochTimingLogger(Callback):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import warnings
 from itertools import islice
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
@@ -15,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from regkit import distributed
 from regkit.device import check_precision, memory_format, move_to, resolve_device
-from regkit.errors import InputError
+from regkit.errors import InputError, TrainingError
 from regkit.losses.composite import LossOutput
 from regkit.checkpoint import load_checkpoint, model_spec, to_plain
 from regkit.training.loggers import Logger
@@ -70,6 +71,10 @@ class Trainer:
             used when launched by torchrun with more than one process (then the model is
             wrapped in ``DistributedDataParallel``; see :mod:`regkit.distributed`).
         dist_timeout_min: how long a collective waits for the other ranks.
+        requeue: also stop (after the step in progress, saving ``interrupted.ckpt``) on SIGUSR2,
+            the warning SLURM sends before a job's time limit (``hydra/launcher=slurm``); the
+            signal is then handed on to the launcher, which requeues the job, and the requeued
+            job continues from the checkpoint with ``ckpt_path=auto``.
         num_threads: torch's CPU threads for this process (``None``: torch's default, all
             cores; a parallel sweep sets each job's share, see :func:`regkit.distributed.place_sweep_job`).
 
@@ -83,12 +88,13 @@ class Trainer:
                  limit_train_batches: Optional[int] = None, output_dir: str = ".", run_config: Any = None,
                  precision: str = "fp32", compile: bool = False, channels_last: bool = False,
                  dist_backend: str = "auto", dist_timeout_min: float = 30.0,
-                 num_threads: Optional[int] = None) -> None:
+                 num_threads: Optional[int] = None, requeue: bool = False) -> None:
         if max_epochs < 1:
             raise InputError(f"max_epochs must be >= 1, got {max_epochs}")
         if log_every_n_steps < 1:
             raise InputError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.max_epochs = int(max_epochs)
+        self.requeue = bool(requeue)
         if num_threads is not None:
             if int(num_threads) < 1:
                 raise InputError(f"num_threads must be >= 1 or null, got {num_threads}")
@@ -280,7 +286,7 @@ class Trainer:
     def _check_finite(self, losses: LossOutput) -> None:
         if not torch.isfinite(losses.total.detach()):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.terms.items())
-            raise FloatingPointError(
+            raise TrainingError(
                 f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}: total="
                 f"{float(losses.total):.4g} ({terms}); lower the learning rate or check the inputs"
             )
@@ -326,7 +332,16 @@ class Trainer:
         """Restore what a subclass added to :meth:`state_dict` (nothing here)."""
 
     def restore(self, path: str) -> None:
+        """Continue the run of checkpoint ``path``: weights, optimizer state, schedule, position,
+        metrics, callbacks' and random states. Settings given now that differ from the checkpoint's
+        run either take effect (learning rate and other optimizer settings, schedule, epochs,
+        callbacks, loss weights; listed in the log) or, when they would change the model or the
+        data (:data:`RESUME_REFUSED`), are refused in one line naming them."""
         data = load_checkpoint(path)
+        changed = resume_changes(data.get("config") or {}, self.run_config, path)
+        if "dataset.batch_size" in changed and int(data.get("batch_in_epoch", 0)):
+            raise InputError(f"ckpt_path={path}: stopped inside an epoch, so it resumes with its batch size "
+                             f"{changed['dataset.batch_size'][0]}, not {changed['dataset.batch_size'][1]}")
         want = model_spec(self.model)
         have = data["model"]
         if have["name"] != want["name"]:
@@ -339,9 +354,21 @@ class Trainer:
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise InputError(f"{path}: weights do not fit model '{want['name']}' with this config ({first})") from None
+        # The optimizer's state (moments, step counts) comes from the checkpoint, its settings (lr,
+        # betas, ...) from this run's config, so that e.g. optimizer.lr=... on resume takes effect.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(data["optimizer"])
+        for group, fresh in zip(self.optimizer.param_groups, settings):
+            group.update(fresh)
         if self.scheduler is not None and data.get("scheduler") is not None:
             self.scheduler.load_state_dict(data["scheduler"])
+            if hasattr(self.scheduler, "base_lrs"):  # the schedule continues from this run's lr at the saved epoch
+                self.scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
+                with warnings.catch_warnings():  # get_lr outside step() warns; here it is the intended use
+                    warnings.simplefilter("ignore")
+                    for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                        group["lr"] = lr
+                self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.epoch, self.global_step = int(data["epoch"]), int(data["global_step"])
         self.metrics.update(data.get("metrics", {}))
         for cb in self.callbacks:
@@ -354,12 +381,52 @@ class Trainer:
             self.scaler.load_state_dict(data["scaler"])
         if not self.is_global_zero:
             return
+        for key, (old, new) in changed.items():
+            log.info("resume: %s = %r in this run (the checkpoint's run had %r): takes effect", key, new, old)
         if self.epoch >= self.max_epochs:
             log.warning("%s: already trained %d epochs (max_epochs=%d); nothing to do", path, self.epoch, self.max_epochs)
         else:
             inside = f", batch {self.batch_in_epoch} of epoch {self.epoch + 1}" if self.batch_in_epoch else ""
             log.info("resumed from %s at epoch %d/%d (step %d%s)", path, self.epoch, self.max_epochs, self.global_step,
                      inside)
+
+
+# Config keys whose change on resume would change the model or the data: refused. Everything else
+# (optimizer, schedule, epochs, callbacks, logging, loss weights) takes effect, and is logged.
+RESUME_REFUSED = ("model.", "transformer.", "dataset.")
+# Dataset keys that change where or how fast the same data is read, not the data: allowed.
+# (batch_size only regroups the same samples, e.g. per process under torchrun; not inside an epoch).
+RESUME_ALLOWED = ("dataset.root", "dataset.num_workers", "dataset.cache", "dataset.validate",
+                  "dataset.affine_check", "dataset.batch_size")
+# Keys that always differ between two runs (their folders) or only name the checkpoint.
+RESUME_IGNORED = ("paths.", "hydra.", "ckpt_path", "trainer.output_dir", "callbacks.checkpoint.dirpath",
+                  "logger.", "task_name")
+
+
+def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: Dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any], path) -> Dict[str, tuple]:
+    """``{key: (saved, current)}`` of the settings that differ between a checkpoint's run and this
+    one and take effect; raises :class:`InputError` naming the keys that would change the model or
+    the data. A checkpoint without a config (or a run without one) compares nothing."""
+    if not saved or not current:
+        return {}
+    a, b = _flatten(saved), _flatten(current)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    changed = {k: v for k, v in changed.items() if not k.startswith(RESUME_IGNORED)}
+    refused = [k for k in changed if k.startswith(RESUME_REFUSED) and not k.startswith(RESUME_ALLOWED)]
+    if refused:
+        details = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused)
+        raise InputError(f"ckpt_path={path}: resuming cannot change the model or the data, but {details}; "
+                         f"drop those overrides, or start a new run (initialised from scratch)")
+    return changed
 
 
 class Interrupted(KeyboardInterrupt):
@@ -372,14 +439,13 @@ class Interrupted(KeyboardInterrupt):
 
 class StopSignals:
     """While training, SIGINT (Ctrl-C) and SIGTERM (what SLURM and most schedulers send before
-    killing a job) only set ``trainer.interrupted``; the loop stops after the step in progress,
+    killing a job), and SIGUSR2 with ``trainer.requeue``, only set ``trainer.interrupted``; the loop stops after the step in progress,
     so the checkpoint holds whole steps. A second Ctrl-C interrupts at once. Handlers are only
     installed in the main thread (Python allows no others) and restored on exit."""
 
-    SIGNALS = ("SIGINT", "SIGTERM")
-
     def __init__(self, trainer: "Trainer") -> None:
         self.trainer = trainer
+        self.signals = ("SIGINT", "SIGTERM") + (("SIGUSR2",) if trainer.requeue else ())
         self.previous: Dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
@@ -391,7 +457,7 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
+            for name in self.signals:
                 num = getattr(signal, name)
                 self.previous[num] = signal.signal(num, self._handle)
         return self
