@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipes", nargs="+", default=list(generalise.RECIPES), choices=list(generalise.RECIPES))
+    p.add_argument("--recipes", nargs="+", default=generalise.DEFAULT_RECIPES, choices=list(generalise.RECIPES))
     p.add_argument("--run", action="append", default=[], metavar="RECIPE=RUN_DIR",
                    help="score this finished run folder for RECIPE instead of training it (repeatable)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "outputs" / "generalise_compare")

@@ -72,6 +72,6 @@ def test_export_keeps_weights_and_drops_the_resume_state(tmp_path):
     assert same_weights(out, shipped)
     assert load_checkpoint(out)["pretrained"]["commit"] == "abc"
     # the command line: compare says whether weights are the same, bit for bit
-    run = subprocess.run([sys.executable, "-m", "regkit.pretrained", "compare", str(out), "synth-brain"],
+    run = subprocess.run([sys.executable, "-m", "regkit.cli.pretrained", "compare", str(out), "synth-brain"],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0 and "the same weights" in run.stdout

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from regkit.bench.config import compose
-from regkit.bench.epoch_time import read_run
+from regkit.bench.epoch_time import read_scalars
 from regkit.bench.machine import device_name, load_average
 from regkit.bench.report import markdown_table, write_text
 from regkit.checkpoint import load_checkpoint
@@ -65,16 +65,15 @@ class Recipe:
 
 
 REAL_IMAGES = "images of subjects 1, 3, 4, 5 (12 pairs)"
-RECIPES: Dict[str, Recipe] = {
-    "old": Recipe("the old example's recipe (min-max, no augmentation)",
-                  ["experiment=real_generalise", "augment=none", "dataset.normalize=minmax"], REAL_IMAGES),
-    "percentile": Recipe("percentile normalisation, no augmentation", ["experiment=real_generalise", "augment=none"],
-                         REAL_IMAGES),
-    "real_generalise": Recipe("**real_generalise** (percentile, augment=light)", ["experiment=real_generalise"],
-                              REAL_IMAGES),
+RECIPES: Dict[str, Recipe] = {  # in training order: real_generalise starts from the shipped synth-brain
     "synth_brain": Recipe("**synth_brain** (data-free; ships as `synth-brain`)", ["experiment=synth_brain"],
                           "no image: label maps of the synthetic template, random shapes, the OASIS pair"),
+    "real_generalise": Recipe("**real_generalise** (synth-brain fine-tuned; percentile, augment=light)",
+                              ["experiment=real_generalise"], "synth-brain, then " + REAL_IMAGES),
+    "real_scratch": Recipe("real images from scratch (percentile, augment=light, 100 epochs)",
+                           ["experiment=real_generalise", "init_from=null", "trainer.max_epochs=100"], REAL_IMAGES),
 }
+DEFAULT_RECIPES = ["synth_brain", "real_generalise"]
 
 
 @dataclass
@@ -161,12 +160,12 @@ def run_summary(run_dir) -> Dict[str, Any]:
     ``time/epoch``: start-up and file checks left out) and mean ``time/data_share``."""
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    run = read_run(run_dir)
-    if not last.is_file() or run is None:
+    scalars = read_scalars(run_dir / "tensorboard", ("time/epoch", "time/data_share"))
+    if not last.is_file() or not scalars.get("time/epoch"):
         raise MissingFileError(f"{run_dir}: not a finished training run (no checkpoints/last.ckpt or no timing logs)")
-    shares = run.scalars.get("time/data_share", [])
+    shares = scalars.get("time/data_share", [])
     return {"checkpoint": last, "steps": int(load_checkpoint(last).get("global_step", 0)),
-            "train_seconds": float(sum(run.scalars.get("time/epoch", []))),
+            "train_seconds": float(sum(scalars["time/epoch"])),
             "data_share": float(np.mean(shares)) if shares else float("nan")}
 
 
