@@ -93,6 +93,19 @@ def model_from_checkpoint(data: Dict[str, Any], **overrides: Any) -> nn.Module:
     return model
 
 
+def init_weights(model: nn.Module, path: PathLike) -> Dict[str, Any]:
+    """Start ``model`` from the weights of checkpoint ``path`` (fine-tuning: nothing else is taken,
+    neither optimizer nor epoch). The checkpoint's model must be the same registry model with the
+    same arguments; otherwise one line names both. Returns the loaded checkpoint dict."""
+    data = load_checkpoint(path)
+    mine, theirs = model_spec(model), data["model"]
+    if mine != to_plain(theirs):
+        raise InputError(f"{path}: init_from needs the same model: the checkpoint holds {theirs['name']} "
+                         f"{theirs['kwargs']}, this run builds {mine['name']} {mine['kwargs']}")
+    model.load_state_dict(data["state_dict"])
+    return data
+
+
 def load_model(path: PathLike, map_location: Any = "cpu", **overrides: Any) -> nn.Module:
     """Rebuild a model from a checkpoint file through the registry and load its weights."""
     return model_from_checkpoint(load_checkpoint(path, map_location), **overrides)

@@ -17,8 +17,9 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from regkit import distributed
-from regkit.checkpoint import to_plain
+from regkit.checkpoint import init_weights, to_plain
 from regkit.errors import InputError
+from regkit.pretrained import pretrained_path
 from regkit.training.callbacks import Checkpoint
 from regkit.training.trainer import Interrupted
 
@@ -44,6 +45,8 @@ def unique_dir(base: str) -> str:
 
 if not OmegaConf.has_resolver("regkit.unique_dir"):
     OmegaConf.register_new_resolver("regkit.unique_dir", unique_dir, use_cache=True)
+if not OmegaConf.has_resolver("regkit.pretrained"):  # ${regkit.pretrained:synth-brain}: a shipped checkpoint's file
+    OmegaConf.register_new_resolver("regkit.pretrained", lambda name: str(pretrained_path(name)))
 
 
 def seed_everything(seed: int) -> None:
@@ -100,6 +103,12 @@ def train(cfg: DictConfig) -> Dict[str, float]:
                  cfg.model._target_.rsplit(".", 1)[-1], f"{model.num_parameters():,}", parts["loss"].extra_repr(),
                  trainer.device, trainer.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), trainer.output_dir)
+    init_from = cfg.get("init_from")
+    if init_from and not ckpt_path:  # a resumed run holds its own weights already
+        source = init_weights(model, init_from)
+        if distributed.is_rank_zero():
+            log.info("init_from: weights of %s (%s, step %s)", init_from, source["model"]["name"],
+                     source.get("global_step"))
     try:
         metrics = trainer.fit(model, parts["loss"], parts["optimizer"], parts["data"],
                               ckpt_path=ckpt_path, scheduler=parts["scheduler"])

@@ -79,6 +79,16 @@ def _choices(run_dir: Path) -> Dict[str, str]:
     return {}
 
 
+def read_scalars(tb_dir: Path, tags: Sequence[str]) -> Dict[str, List[float]]:
+    """The values of TensorBoard scalars ``tags`` in ``tb_dir`` (a tag that is absent: no key)."""
+    if not Path(tb_dir).is_dir():
+        return {}
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    present = set(acc.Tags().get("scalars", []))
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in tags if tag in present}
+
+
 def read_run(run_dir: Path) -> Optional[Run]:
     """One run folder -> Run, or None if it has no timing scalars."""
     cfg_file = run_dir / ".hydra" / "config.yaml"

@@ -22,6 +22,7 @@ from regkit.device import env_rank
 from regkit.inference import MOVING_GRIDS, register_files, register_files_split, split_launch
 from regkit.metrics import LABEL_MODES
 from regkit.predictor import INTENSITY_POLICIES, SHAPE_POLICIES
+from regkit.pretrained import list_pretrained, pretrained_path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
                     "label maps there).")
     p.add_argument("inputs", nargs="+", metavar="[CKPT] MOVING FIXED",
                    help="the moving and fixed scans, after a checkpoint when a network should register them")
+    p.add_argument("--model", default=None,
+                   help="a network shipped with regkit instead of a checkpoint file (then give MOVING FIXED): "
+                        + ", ".join(list_pretrained()))
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--moving-label", default=None, help="label map of the moving scan (warped too)")
     p.add_argument("--fixed-label", default=None, help="label map of the fixed scan (Dice before/after)")
@@ -104,12 +108,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"give MOVING FIXED (optimisation) or CKPT MOVING FIXED (a network), got {len(args.inputs)} "
                 f"argument(s)")
     checkpoint = args.inputs[0] if len(args.inputs) == 3 else None
+    if args.model is not None and checkpoint is not None:
+        p.error("give a checkpoint file or --model NAME, not both")
     moving, fixed = args.inputs[-2:]
 
     @exit_on_user_error
     def run():
+        ckpt = pretrained_path(args.model) if args.model else checkpoint
         if split:
-            r = register_files_split(checkpoint, moving, fixed, args.out, args.moving_label, args.fixed_label,
+            r = register_files_split(ckpt, moving, fixed, args.out, args.moving_label, args.fixed_label,
                                      args.device, preset=args.preset, affine=args.affine, refine=args.refine,
                                      finetune_steps=args.finetune_steps,
                                      preset_overrides=parse_sets(args.preset_set, p), timeout_min=args.timeout_min)
@@ -118,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"split over {r['processes']} processes ({r['backend']}), rows of the last axis: "
                   f"{', '.join(f'{a}-{b}' for a, b in r['rows'])}")
         else:
-            r = register_files(checkpoint, moving, fixed, args.out, args.moving_label, args.fixed_label,
+            r = register_files(ckpt, moving, fixed, args.out, args.moving_label, args.fixed_label,
                                args.shape_policy, args.moving_grid, args.label_mode, labels, args.device,
                                args.finetune_steps, args.finetune_lr, intensity=args.intensity, preset=args.preset,
                                affine=args.affine, refine=args.refine, preset_overrides=parse_sets(args.preset_set, p))

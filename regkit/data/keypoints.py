@@ -107,6 +107,11 @@ class KeypointPairDataset(Dataset):
     def __init__(self, base: PairDataset, files: Sequence[Optional[KeypointFiles]]) -> None:
         if len(files) != len(base):
             raise InputError(f"{len(files)} keypoint entries for {len(base)} pairs")
+        if getattr(base.transform, "spatial", False) and any(f is not None for f in files):
+            # the transform moves the images' voxels but not these points: they would no longer correspond
+            raise InputError(f"spatial augmentation ({base.transform!r}) cannot be used on pairs with keypoints: "
+                             f"the keypoints would not move with the images; use an intensity-only augmentation "
+                             f"(rotate, scale, shear, translate, elastic = 0, no flip_axes) or augment=none")
         self.base = base
         self.pairs = base.pairs
         self.files = list(files)

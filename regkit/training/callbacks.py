@@ -357,3 +357,64 @@ class ProgressBar(Callback):
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _label_edges(label: np.ndarray) -> np.ndarray:
+    """Where a 2-D label map changes value between neighbouring pixels (boundaries, one pixel wide)."""
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[1:, :] |= label[1:, :] != label[:-1, :]
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    return edge
+
+
+def preview_row(items) -> np.ndarray:
+    """One RGB row ``(H, W, 3)`` in [0, 1]: for each item, the mid-slice (last axis) of its moving
+    and fixed images, each with its label map's boundaries in red when it has one."""
+    cells = []
+    for item in items:
+        for key in ("moving", "fixed"):
+            vol = item[key][0].detach().float().cpu().numpy()
+            image = vol if vol.ndim == 2 else np.take(vol, vol.shape[-1] // 2, axis=-1)
+            image = np.clip((image - image.min()) / (image.max() - image.min() + 1e-8), 0, 1).T[::-1]
+            rgb = np.repeat(image[..., None], 3, axis=2)
+            label = item.get(f"{key}_label")
+            if label is not None:
+                lab = label[0].cpu().numpy()
+                lab = lab if lab.ndim == 2 else np.take(lab, lab.shape[-1] // 2, axis=-1)
+                rgb[_label_edges(lab.T[::-1])] = (1.0, 0.1, 0.1)
+            cells.append(np.pad(rgb, ((1, 1), (1, 1), (0, 0))))
+    return np.concatenate(cells, axis=1)
+
+
+class AugmentationPreview(Callback):
+    """Shows once per run what the network is trained on: a picture ``data/augmentation`` logged
+    at the start of training (not after a resume). Row k is training pair k: its moving and
+    fixed images as loaded (for synthesised data: as synthesised), then as the network sees them
+    in epoch 1 (augmented; synthesised data without augmentation is shown once), mid-slices of
+    the last axis, label-map boundaries in red (they must follow the anatomy). Nothing is logged when the training data is neither augmented nor
+    synthesised. Items are drawn with their own generators (the sample keys of epoch 1), so
+    the picture changes no random state of the run."""
+
+    order = 5
+    rank_zero_only = True
+
+    def __init__(self, samples: int = 3) -> None:
+        if int(samples) < 1:
+            raise InputError(f"AugmentationPreview samples must be >= 1, got {samples}")
+        self.samples = int(samples)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.logger is None or trainer.epoch or trainer.batch_in_epoch or trainer.train_loader is None:
+            return
+        ds = trainer.train_loader.dataset
+        base = getattr(ds, "base", ds)  # keypoint datasets wrap the pair dataset
+        transform = getattr(base, "transform", None)
+        active = transform is not None and getattr(transform, "enabled", True)
+        if not (active or getattr(base, "synthesised", False)) or not hasattr(base, "load"):
+            return
+        n = min(self.samples, len(base))
+        # as loaded next to as trained; synthesised pairs without a transform are shown once
+        rows = [preview_row([base.load(i), base[(0, i)]] if active else [base[(0, i)]]) for i in range(n)]
+        width = max(r.shape[1] for r in rows)
+        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+        trainer.logger.log_image("data/augmentation", np.concatenate(rows, axis=0), 0)
