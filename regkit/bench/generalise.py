@@ -70,7 +70,7 @@ RECIPES: Dict[str, Recipe] = {  # in training order: real_generalise starts from
                           "no image: label maps of the synthetic template, random shapes, the OASIS pair"),
     "real_generalise": Recipe("**real_generalise** (synth-brain fine-tuned; percentile, augment=light)",
                               ["experiment=real_generalise"], "synth-brain, then " + REAL_IMAGES),
-    "real_scratch": Recipe("real images from scratch (percentile, augment=light, 100 epochs)",
+    "real_scratch": Recipe("real images from scratch (percentile, augment=light)",
                            ["experiment=real_generalise", "init_from=null", "trainer.max_epochs=100"], REAL_IMAGES),
 }
 DEFAULT_RECIPES = ["synth_brain", "real_generalise"]
