@@ -100,5 +100,12 @@ def test_merge_keeps_one_row_per_pair_and_method_and_checks_targets():
     text = benchmark.markdown(merged)
     assert "| p | fast vs elastix | Dice 0.7000 vs 0.7200 NOT met" in text
     assert "Dice 0.8000 vs 0.8100 (fireants) NOT met; 0.40 of fireants's wall" in text
+    # a method measured again in an earlier-listed run is credited to that run only; pairs are named
+    c = {"environment": env, "rows": [row("p", "regkit fast", 0.6, 9), row("q", "regkit fast", 0.6, 9),
+                                      row("q", "elastix", 0.6, 9)]}
+    merged = benchmark.merge([a, c])
+    assert [e["methods"] for e in merged["runs"]] == [["regkit fast", "regkit accurate"], ["regkit fast, elastix (q)"]]
+    assert [(r["pair"], r["method"], r["dice"]) for r in merged["rows"] if r["method"] == "regkit fast"] == [
+        ("p", "regkit fast", 0.7), ("q", "regkit fast", 0.6)]
     with pytest.raises(InputError, match="no benchmark results"):
         benchmark.merge([])

@@ -233,6 +233,15 @@ def run_benchmark(data_root: PathLike, presets: Sequence[str] = PRESETS, peers: 
     refine = None
     if predict is not None:
         refine = load_preset("refine", progress=False, device="cpu", **{"refine.iterations": refine_iterations}).refine
+    if all_pairs and (built or predict is not None):
+        # warm-up, untimed: the first registration in a process pays one-off costs (thread pools,
+        # kernel selection, allocator growth: about 2 s here), which would be charged to whichever
+        # method ran first; a half-size copy of the first pair runs every regkit method once beforehand
+        small = real_pairs(data_root, shrink=8 if reduced else 2, names=[all_pairs[0].name])[0]
+        for preset in built.values():
+            preset.register(small.moving, small.fixed)
+        if predict is not None:
+            predict(small.moving, small.fixed)
     for pair in all_pairs:
         ident = torch.zeros(1, pair.fixed.dim() - 2, *pair.fixed.shape[2:])
         rows.append(Row(pair.name, "identity (aligned input)", seconds=0.0, cpu_seconds=0.0,
@@ -276,21 +285,34 @@ def merge(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     row (every run repeats the identity row)."""
     if not results:
         raise InputError("no benchmark results to merge")
+    rows: Dict[tuple, Dict[str, Any]] = {}
+    source: Dict[tuple, int] = {}  # which run each kept row came from
+    for i, r in enumerate(results):
+        for row in r["rows"]:
+            key = (row["pair"], row["method"])
+            if key not in rows:
+                rows[key], source[key] = row, i
     envs = []
-    for r in results:
-        if r.get("runs"):
+    for i, r in enumerate(results):
+        if r.get("runs"):  # an already merged file keeps its runs' own lists
             envs.extend(r["runs"])
             continue
         env = dict(r["environment"])
-        env["methods"] = [m for m in dict.fromkeys(row["method"] for row in r["rows"]) if not m.startswith("identity")]
-        envs.append(env)
-    rows: Dict[tuple, Dict[str, Any]] = {}
-    for r in results:
-        for row in r["rows"]:
-            rows.setdefault((row["pair"], row["method"]), row)
+        kept = [key for key in rows if source[key] == i and not key[1].startswith("identity")]
+        # a method measured again in an earlier-listed run is not credited to this one
+        by_pair: Dict[str, List[str]] = {}
+        for pair, method in kept:
+            by_pair.setdefault(pair, []).append(method)
+        measured_pairs = {row["pair"] for row in r["rows"]}
+        if len(by_pair) == 1 and len(measured_pairs) == 1:
+            env["methods"] = next(iter(by_pair.values()))
+        else:  # say which pair each method was measured on
+            env["methods"] = [f"{', '.join(methods)} ({pair})" for pair, methods in by_pair.items()]
+        if env["methods"]:
+            envs.append(env)
     pairs = list(dict.fromkeys(key[0] for key in rows))
     ordered = [row for pair in pairs for key, row in rows.items() if key[0] == pair]
-    return {"environment": envs[0], "runs": envs, "reduced": any(r.get("reduced") for r in results),
+    return {"environment": envs[0] if envs else dict(results[0]["environment"]), "runs": envs, "reduced": any(r.get("reduced") for r in results),
             "rows": ordered}
 
 
@@ -332,7 +354,8 @@ def markdown(results: Dict[str, Any]) -> str:
              "`scripts/bench_register.py` (docs/registration.md: settings of every peer, how each map is read "
              "back and evaluated).", ""]
     lines += [_env_line(env, results.get("reduced", False)) for env in runs]
-    lines += ["Wall: the registration call alone; CPU: user + system time of the process (regkit) or of the "
+    lines += ["Wall: the registration call alone (regkit's methods after one untimed warm-up registration of "
+              "the first pair at half size); CPU: user + system time of the process (regkit) or of the "
               "peer's subprocess. Dice: mean over the pair's labels; det J and SDlogJ over every voxel of the "
               "fixed grid. Produced by `scripts/bench_register.py`. Times from a shared machine are not a quiet "
               "machine's: compare CPU times, and Dice (which load does not change).", ""]
