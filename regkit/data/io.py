@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import nibabel
 import numpy as np
@@ -163,9 +163,17 @@ def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header=None
     arr = np.asarray(data)
     if dtype is not None:
         arr = arr.astype(dtype)
-    hdr = None
-    if header is not None:
-        hdr = header.copy() if isinstance(header, nibabel.Nifti1Header) else None
+    img = nifti_image(arr, affine, header, intent, description)
+    return atomic_write(path, lambda tmp: nibabel.save(img, tmp))
+
+
+def nifti_image(arr: np.ndarray, affine: np.ndarray, header: Optional[Any] = None, intent: Optional[str] = None,
+                description: Optional[str] = None) -> nibabel.Nifti1Image:
+    """The image :func:`save_nifti` writes for ``arr`` (its dtype kept): ``header``'s fields when it
+    is a NIfTI-1 header, both qform and sform set to ``affine``, scaling and display range reset,
+    ``intent`` and ``description`` set. Also used to build the header of a file written in blocks
+    (regkit.registration.distributed), which must be byte for byte this one."""
+    hdr = header.copy() if isinstance(header, nibabel.Nifti1Header) else None
     img = nibabel.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=hdr)
     img.set_data_dtype(arr.dtype)
     if hdr is not None:
@@ -177,4 +185,4 @@ def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header=None
         img.header.set_intent(intent)
     if description is not None:
         img.header["descrip"] = description[:79].encode()
-    return atomic_write(path, lambda tmp: nibabel.save(img, tmp))
+    return img

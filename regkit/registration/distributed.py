@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from regkit.data.io import PathLike, load_volume
+from regkit.data.io import PathLike, load_volume, nifti_image
 from regkit.device import resolve_device
 from regkit.distributed import cleanup, setup
 from regkit.errors import InputError, MissingFileError, RegkitError, check_choice
@@ -234,19 +234,7 @@ def nifti_header(shape: Sequence[int], dtype, affine: np.ndarray, header=None, i
                  description: Optional[str] = None):
     """The header :func:`regkit.data.io.save_nifti` writes for an array of ``shape`` and
     ``dtype`` (the same steps, on a broadcast zero array that takes no memory)."""
-    hdr = header.copy() if isinstance(header, nibabel.Nifti1Header) else None
-    img = nibabel.Nifti1Image(np.broadcast_to(np.zeros((), dtype=dtype), tuple(shape)),
-                              np.asarray(affine, dtype=np.float64), header=hdr)
-    img.set_data_dtype(np.dtype(dtype))
-    if hdr is not None:
-        img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
-        img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
-    img.header.set_slope_inter(1.0, 0.0)
-    img.header["cal_min"], img.header["cal_max"] = 0, 0
-    if intent is not None:
-        img.header.set_intent(intent)
-    if description is not None:
-        img.header["descrip"] = description[:79].encode()
+    img = nifti_image(np.broadcast_to(np.zeros((), dtype=dtype), tuple(shape)), affine, header, intent, description)
     # what nibabel's to_file_map does before it writes the header
     img.get_data_dtype(finalize=True)
     img.update_header()
