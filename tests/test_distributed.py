@@ -66,6 +66,9 @@ def _ddp_worker(rank, world, port, overrides, data_dir, out_dir, init_weights):
     parts["model"].load_state_dict(init_weights)
     result["val"] = Validation(log_images=False).evaluate(trainer)
     result["val_identity"] = Validation(log_images=False).evaluate(trainer, identity=True)
+    # both processes finish their last collective before either closes its connections (as Trainer.fit
+    # does at its end): tearing the group down under a peer's last gather made gloo abort it once in CI
+    distributed.barrier()
     distributed.cleanup(created)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
