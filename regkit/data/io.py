@@ -38,6 +38,25 @@ class Volume:
         return tuple(float(v) for v in np.sqrt((self.affine[:3, :nd] ** 2).sum(axis=0)))
 
 
+def unreadable(path: PathLike, exc: Exception) -> InputError:
+    """The one-line error for an image file nibabel cannot read (it raises many exception types)."""
+    return InputError(f"{path}: cannot read as a NIfTI/MGH image ({type(exc).__name__}: {exc})")
+
+
+def open_image(path: PathLike):
+    """The nibabel image of a NIfTI/MGH file, header only (voxels are read on access), or a
+    one-line error: missing file, a folder, or a file nibabel cannot read."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingFileError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder, expected an image file")
+    try:
+        return nibabel.load(str(p))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise unreadable(p, exc) from None
+
+
 def load_volume(path: PathLike, dtype=np.float32, check_finite: bool = True, label: bool = False,
                 ndim: Optional[int] = 3) -> Volume:
     """Load a 3-D volume (a trailing singleton 4th axis is dropped), or a 2-D image.
@@ -54,15 +73,11 @@ def load_volume(path: PathLike, dtype=np.float32, check_finite: bool = True, lab
     if ndim not in (2, 3, None):
         raise InputError(f"load_volume: ndim must be 2, 3 or None, got {ndim!r}")
     p = Path(path)
-    if not p.exists():
-        raise MissingFileError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a folder, expected an image file")
+    img = open_image(p)
     try:
-        img = nibabel.load(str(p))
         raw = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputError(f"{p}: cannot read as a NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
+        raise unreadable(p, exc) from None
     if ndim == 3:
         if raw.ndim == 4 and raw.shape[3] == 1:
             raw = raw[..., 0]

@@ -6,16 +6,15 @@ import random
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-import nibabel
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from regkit.data.io import load_volume
+from regkit.data.io import load_volume, open_image
 from regkit.data.pairs import NORMALIZATIONS, EpochSampler, Pair, PairDataset, read_pairs_csv
 from regkit import distributed
-from regkit.errors import InputError, MissingFileError, check_choice
+from regkit.errors import InputError, check_choice
 from regkit.metrics import resolve_groups, resolve_labels
 
 log = logging.getLogger(__name__)
@@ -271,13 +270,8 @@ def seed_worker(worker_id: int) -> None:
 
 def _header(path: Path):
     """``(shape, affine)`` from the header only (no voxel data read)."""
-    if not Path(path).exists():
-        raise MissingFileError(f"{path}: no such file")
-    try:
-        img = nibabel.load(str(path))
-        shape = img.shape
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read as a NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
+    img = open_image(path)
+    shape = img.shape
     shape = tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
     return shape, np.asarray(img.affine, dtype=np.float64)
 

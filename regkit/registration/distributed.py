@@ -49,13 +49,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-import nibabel
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from regkit.data.io import PathLike, load_volume, nifti_image
+from regkit.data.io import PathLike, load_volume, nifti_image, open_image
 from regkit.device import resolve_device
 from regkit.distributed import cleanup, setup
 from regkit.errors import InputError, MissingFileError, RegkitError, check_choice
@@ -82,14 +81,7 @@ class VolumeFile:
 
     def __init__(self, path: PathLike) -> None:
         p = Path(path)
-        if not p.exists():
-            raise MissingFileError(f"{p}: no such file")
-        if p.is_dir():
-            raise InputError(f"{p}: is a folder, expected an image file")
-        try:
-            self.img = nibabel.load(str(p))
-        except Exception as exc:  # nibabel raises many types for corrupt files
-            raise InputError(f"{p}: cannot read as a NIfTI/MGH image ({type(exc).__name__}: {exc})") from None
+        self.img = open_image(p)
         shape = tuple(int(s) for s in self.img.shape)
         self.extra_axis = len(shape) == 4 and shape[3] == 1
         if self.extra_axis:
